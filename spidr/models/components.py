@@ -1,0 +1,270 @@
+"""Building blocks shared by DinoSR and SpidR: conv feature extractor, projection, transformer encoder.
+
+Module and parameter names follow the reference release exactly, so its checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from spidr.config import DinoSRConfig
+
+
+def num_frames(num_samples: int, conv_layers: list[tuple[int, int, int]]) -> int:
+    """Frames the conv extractor outputs for ``num_samples`` samples (0 when too short)."""
+    n = num_samples
+    for _, kernel, stride in conv_layers:
+        n = max(0, (n - kernel) // stride + 1)
+    return n
+
+
+def receptive_field(conv_layers: list[tuple[int, int, int]]) -> int:
+    """The fewest samples that give one frame."""
+    n = 1
+    for _, kernel, stride in reversed(conv_layers):
+        n = (n - 1) * stride + kernel
+    return n
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (batch, channels, frames) tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.transpose(-2, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.transpose(-2, -1)
+
+
+class ConvBlock(nn.Module):
+    """conv -> optional norm -> exact GELU. The norm is registered first (the release's key order)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, stride: int, norm: nn.Module | None, *, bias: bool
+    ):
+        super().__init__()
+        self.layer_norm = norm
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride, bias=bias)
+        nn.init.kaiming_normal_(self.conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    """Waveforms (batch, samples) -> features (batch, frames, channels)."""
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        blocks = []
+        in_channels = 1
+        for i, (out_channels, kernel, stride) in enumerate(cfg.extractor_conv_layer_config):
+            norm: nn.Module | None = None
+            if cfg.extractor_mode == "layer_norm":
+                norm = ChannelLayerNorm(out_channels, elementwise_affine=True)
+            elif i == 0:  # group_norm: only the first block is normalised, one group per channel
+                norm = nn.GroupNorm(out_channels, out_channels, affine=True)
+            blocks.append(ConvBlock(in_channels, out_channels, kernel, stride, norm, bias=cfg.extractor_conv_bias))
+            in_channels = out_channels
+        self.conv_layers = nn.ModuleList(blocks)
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        x = waveforms.unsqueeze(1)
+        for block in self.conv_layers:
+            x = block(x)
+        return x.transpose(1, 2)
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over the extractor channels, then Linear to the encoder width."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_features)
+        self.projection = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection(self.layer_norm(x))
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Stack of grouped convolutions, each followed by a non-affine LayerNorm and GELU.
+
+    With an attention mask, padded frames are zeroed before every conv and at the end, so they
+    never leak into the real frames.
+    """
+
+    def __init__(self, embed_dim: int, kernel: int, groups: int, depth: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        layer_kernel = max(3, kernel // depth)
+        self.num_remove = 1 if layer_kernel % 2 == 0 else 0
+        self.layer_norm = ChannelLayerNorm(embed_dim, elementwise_affine=False)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(embed_dim, embed_dim, layer_kernel, padding=layer_kernel // 2, groups=groups)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        keep = None if attention_mask is None else attention_mask[:, :, 0]  # (batch, 1, frames)
+        x = x.transpose(1, 2)
+        for conv in self.convs:
+            if keep is not None:
+                x = x * keep
+            x = conv(x)
+            if self.num_remove:
+                x = x[..., : -self.num_remove]
+            x = F.gelu(self.layer_norm(x))
+        if keep is not None:
+            x = x * keep
+        return x.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, qkv_bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dim, embed_dim, bias=True)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        batch, frames, dim = x.shape
+        q, k, v = (
+            t.view(batch, frames, self.num_heads, dim // self.num_heads).transpose(1, 2)
+            for t in self.qkv(x).split(self.embed_dim, dim=2)
+        )
+        dropout = self.dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        return self.proj(x.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> dropout -> Linear."""
+
+    def __init__(self, embed_dim: int, interm_features: int, interm_dropout: float) -> None:
+        super().__init__()
+        self.intermediate_dense = nn.Linear(embed_dim, interm_features)
+        self.intermediate_dropout = nn.Dropout(interm_dropout)
+        self.output_dense = nn.Linear(interm_features, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_dense(self.intermediate_dropout(F.gelu(self.intermediate_dense(x))))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention + feed-forward, post-LN (default) or pre-LN.
+
+    ``forward`` returns ``(x, y)``: the layer output and the feed-forward output before the residual
+    (the "layer result" that the targets and SpidR's heads read).
+    """
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.attention = SelfAttention(
+            dim, cfg.encoder_num_heads, qkv_bias=cfg.encoder_qkv_bias, dropout=cfg.encoder_attention_dropout
+        )
+        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = cfg.encoder_layer_norm_first
+        self.feed_forward = FeedForward(dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        residual = x
+        if self.layer_norm_first:
+            x = residual + self.dropout(self.attention(self.layer_norm(x), attention_mask))
+            y = self.feed_forward(self.final_layer_norm(x))
+            return x + self.dropout(y), y
+        x = self.layer_norm(residual + self.dropout(self.attention(x, attention_mask)))
+        y = self.feed_forward(x)
+        return self.final_layer_norm(x + self.dropout(y)), y
+
+
+class Transformer(nn.Module):
+    """The encoder (student or teacher): positional convs, LayerNorm, layers, with layer drop."""
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.pos_conv_embed = ConvPositionalEmbedding(
+            dim, cfg.encoder_pos_conv_kernel, cfg.encoder_pos_conv_groups, cfg.encoder_pos_conv_depth
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = cfg.encoder_layer_norm_first
+        self.layer_drop = cfg.encoder_layer_drop
+        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_num_layers))
+        self.apply(self.init_weights)
+
+    @staticmethod
+    def init_weights(module: nn.Module) -> None:
+        """Linear: normal(0, 0.02), zero bias; attention qkv and proj: Xavier-uniform (qkv gain 1/sqrt 2)."""
+        if isinstance(module, SelfAttention):
+            nn.init.xavier_uniform_(module.qkv.weight, gain=1 / math.sqrt(2))
+            nn.init.xavier_uniform_(module.proj.weight)
+            nn.init.zeros_(module.proj.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def _embed(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        x = x + self.pos_conv_embed(x, attention_mask)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        return self.dropout(x)
+
+    def _dropped_layers(self, device: torch.device) -> Tensor | None:
+        if self.layer_drop <= 0 or not self.training:
+            return None
+        return torch.rand(len(self.layers), device=device) <= self.layer_drop
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Encoder output (batch, frames, dim); the final LayerNorm applies here only with pre-LN layers."""
+        x = self._embed(x, attention_mask)
+        dropped = self._dropped_layers(x.device)
+        for i, layer in enumerate(self.layers):
+            out, _ = layer(x, attention_mask)
+            x = out if dropped is None else torch.where(dropped[i], x, out)
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        return x
+
+    def get_intermediate_outputs(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        num_layers: int | None = None,
+        *,
+        before_residual: bool = True,
+    ) -> list[Tensor]:
+        """One tensor per layer: the layer result ``y`` (``before_residual``) or the layer output.
+
+        A layer dropped by layer drop is still computed and listed, but does not update the running
+        ``x``. ``num_layers`` stops after that many layers.
+
+        Raises:
+            ValueError: ``num_layers`` outside [1, number of layers].
+        """
+        if num_layers is not None and not 0 < num_layers <= len(self.layers):
+            raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        outputs: list[Tensor] = []
+        x = self._embed(x, attention_mask)
+        dropped = self._dropped_layers(x.device)
+        for i, layer in enumerate(self.layers):
+            out, y = layer(x, attention_mask)
+            x = out if dropped is None else torch.where(dropped[i], x, out)
+            outputs.append(y if before_residual else out)
+            if num_layers is not None and len(outputs) >= num_layers:
+                break
+        return outputs

@@ -1,0 +1,225 @@
+"""spidr.ops: contract of the three ops on every usable backend, against brute-force formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import spidr.ops as ops
+from spidr.ops import reference
+
+BACKENDS = ops.backends("cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+def brute_force_labels(x, codebooks, counts):
+    codewords = codebooks.float() / counts.float().unsqueeze(-1)
+    distances = torch.cdist(x.double(), codewords.double()) ** 2
+    return distances.argmin(-1)
+
+
+def random_codebooks(c, k, d, generator):
+    codebooks = torch.randn(c, k, d, generator=generator)
+    counts = torch.rand(c, k, generator=generator) * 3 + 0.5
+    return codebooks * counts.unsqueeze(-1), counts
+
+
+@pytest.mark.parametrize(("c", "n", "k", "d"), [(1, 37, 5, 3), (8, 300, 67, 768), (2, 129, 256, 64)])
+def test_assign_codes_matches_brute_force(backend, c, n, k, d):
+    g = torch.Generator().manual_seed(c * n + k)
+    codebooks, counts = random_codebooks(c, k, d, g)
+    x = torch.randn(c, n, d, generator=g)
+    labels = ops.assign_codes(x, codebooks, counts)
+    assert labels.dtype == torch.int64 and labels.shape == (c, n)
+    assert torch.equal(labels, brute_force_labels(x, codebooks, counts))
+    assert ops.last_backend() == backend
+
+
+def test_assign_codes_ties_go_to_lowest_index(backend):
+    g = torch.Generator().manual_seed(0)
+    base, counts = random_codebooks(2, 6, 16, g)
+    codebooks = torch.cat([base, base], dim=1)  # codeword j and j + 6 are identical
+    counts = torch.cat([counts, counts], dim=1)
+    x = torch.randn(2, 50, 16, generator=g)
+    labels = ops.assign_codes(x, codebooks, counts)
+    assert int(labels.max()) < 6
+    exact = (base / counts[:, :6].unsqueeze(-1))[:, :3]  # rows equal to a codeword
+    labels = ops.assign_codes(exact, codebooks, counts)
+    assert torch.equal(labels, torch.arange(3).expand(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_assign_codes_computes_in_float32(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    codebooks, counts = random_codebooks(3, 40, 32, g)
+    x = torch.randn(3, 100, 32, generator=g).to(dtype)
+    labels = ops.assign_codes(x, codebooks, counts)
+    assert torch.equal(labels, brute_force_labels(x.float(), codebooks, counts))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ops.assign_codes(x, codebooks, counts), labels)
+
+
+def test_empty_inputs(backend):
+    codebooks, counts = random_codebooks(2, 8, 4, torch.Generator().manual_seed(2))
+    x = torch.zeros(2, 0, 4)
+    labels = ops.assign_codes(x, codebooks, counts)
+    assert labels.shape == (2, 0)
+    before = codebooks.clone(), counts.clone()
+    ops.codebook_update_(codebooks, counts, x, labels, 0.9)
+    assert torch.equal(codebooks, before[0]) and torch.equal(counts, before[1])
+    weight, bias = torch.randn(2, 8, 4, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    loss, mean_probs = ops.masked_prediction_loss(x.requires_grad_(), weight, bias, labels)
+    assert loss.shape == (0,) and mean_probs.shape == (2, 8)
+    loss.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def one_hot_update(codebooks, counts, x, labels, decay):
+    """The release's formulation (SPEC 1.5): one-hot counts and sums, decayed where count > 0."""
+    onehot = F.one_hot(labels, codebooks.shape[1]).float()
+    count = onehot.sum(1)
+    memory = onehot.transpose(1, 2) @ x.float()
+    alpha = torch.where(count != 0, decay, 1.0)
+    return alpha.unsqueeze(-1) * codebooks + (1 - alpha).unsqueeze(-1) * memory, alpha * counts + (1 - alpha) * count
+
+
+@pytest.mark.parametrize(("c", "n", "k", "d"), [(1, 10, 300, 8), (8, 500, 67, 768)])
+def test_codebook_update_matches_one_hot_formula(backend, c, n, k, d):
+    g = torch.Generator().manual_seed(n)
+    codebooks, counts = random_codebooks(c, k, d, g)
+    x = torch.randn(c, n, d, generator=g)
+    labels = torch.randint(0, k // 2, (c, n), generator=g)  # the upper half of codewords gets nothing
+    expected_codebooks, expected_counts = one_hot_update(codebooks, counts, x, labels, 0.9)
+    untouched = codebooks[:, k // 2 :].clone(), counts[:, k // 2 :].clone()
+    ops.codebook_update_(codebooks, counts, x, labels, 0.9)
+    torch.testing.assert_close(codebooks, expected_codebooks, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(counts, expected_counts, atol=1e-6, rtol=0)
+    assert torch.equal(codebooks[:, k // 2 :], untouched[0]) and torch.equal(counts[:, k // 2 :], untouched[1])
+
+
+def test_codebook_update_accepts_bfloat16_vectors(backend):
+    g = torch.Generator().manual_seed(5)
+    codebooks, counts = random_codebooks(2, 16, 32, g)
+    x = torch.randn(2, 64, 32, generator=g).bfloat16()
+    labels = torch.randint(0, 16, (2, 64), generator=g)
+    expected = one_hot_update(codebooks, counts, x.float(), labels, 0.5)
+    ops.codebook_update_(codebooks, counts, x, labels, 0.5)
+    torch.testing.assert_close(codebooks, expected[0], atol=1e-5, rtol=1e-6)
+
+
+def naive_loss(h, weight, bias, labels):
+    c = weight.shape[0]
+    per_head = []
+    for i in range(c):
+        hi = h[i] if h.dim() == 3 else h
+        log_probs = torch.log_softmax(hi @ weight[i].t() + bias[i], dim=-1)
+        per_head.append(-log_probs.gather(1, labels[i].unsqueeze(1)).squeeze(1))
+    return torch.stack(per_head).mean(0)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_h", "per_head_h"])
+@pytest.mark.parametrize(("c", "n", "k", "d"), [(1, 33, 7, 5), (8, 200, 67, 768)])
+def test_masked_prediction_loss_and_gradients(backend, shared, c, n, k, d):
+    g = torch.Generator().manual_seed(c + n)
+    h = torch.randn(*((n, d) if shared else (c, n, d)), generator=g, requires_grad=True)
+    weight = (torch.randn(c, k, d, generator=g) * 0.05).requires_grad_()
+    bias = torch.randn(c, k, generator=g).requires_grad_()
+    labels = torch.randint(0, k, (c, n), generator=g)
+    loss, mean_probs = ops.masked_prediction_loss(h, weight, bias, labels)
+    expected = naive_loss(h, weight, bias, labels)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert not mean_probs.requires_grad
+    probs = torch.stack([torch.softmax((h[i] if h.dim() == 3 else h) @ weight[i].t() + bias[i], -1) for i in range(c)])
+    torch.testing.assert_close(mean_probs, probs.mean(1).detach(), atol=1e-6, rtol=1e-5)
+    upstream = torch.rand(n, generator=g)
+    grads = torch.autograd.grad((loss * upstream).sum(), (h, weight, bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (h, weight, bias))
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_h", "per_head_h"])
+def test_masked_prediction_loss_gradcheck(shared):
+    g = torch.Generator().manual_seed(3)
+    c, n, k, d = 3, 6, 5, 4
+    h = torch.randn(*((n, d) if shared else (c, n, d)), generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, k, d, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, k, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, k, (c, n), generator=g)
+    with ops.use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: reference.masked_prediction_loss(h, w, b, labels)[0].double(), (h, weight, bias)
+        )
+
+
+def test_loss_under_bfloat16_autocast_backpropagates(backend):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 30, 16, generator=g, requires_grad=True)
+    weight = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    bias = torch.randn(2, 9, generator=g, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 30), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = ops.masked_prediction_loss(h.bfloat16(), weight, bias, labels)
+    assert loss.dtype == torch.float32
+    loss.sum().backward()
+    assert h.grad is not None and weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+    torch.testing.assert_close(loss, naive_loss(h, weight, bias, labels), atol=0.1, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_lists_and_forces_backends(monkeypatch):
+    assert "torch" in ops.backends("cpu") and "torch" in ops.backends("cuda")
+    assert ops.backends("cpu")[-1] == "torch"  # the reference is the slowest choice
+    x, (codebooks, counts) = torch.randn(1, 4, 3), random_codebooks(1, 5, 3, torch.Generator().manual_seed(0))
+    with ops.use_backend("torch"):
+        ops.assign_codes(x, codebooks, counts)
+    assert ops.last_backend() == "torch"
+    monkeypatch.setenv("SPIDR_OPS_BACKEND", "torch")
+    ops.assign_codes(x, codebooks, counts)
+    assert ops.last_backend() == "torch"
+
+
+def test_forcing_an_unusable_backend_raises(monkeypatch):
+    with pytest.raises(ops.BackendError, match="'nonsense' is unknown"), ops.use_backend("nonsense"):
+        pass
+    x, (codebooks, counts) = torch.randn(1, 4, 3), random_codebooks(1, 5, 3, torch.Generator().manual_seed(0))
+    monkeypatch.setenv("SPIDR_OPS_BACKEND", "nonsense")
+    with pytest.raises(ops.BackendError, match="SPIDR_OPS_BACKEND"):
+        ops.assign_codes(x, codebooks, counts)
+    if "cuda" not in ops.registered():
+        monkeypatch.setenv("SPIDR_OPS_BACKEND", "cuda")
+        with pytest.raises(ops.BackendError, match="'cuda'.*not built or not available"):
+            ops.assign_codes(x, codebooks, counts)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_arguments_are_named():
+    codebooks, counts = random_codebooks(2, 8, 4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"x must have 3 dimensions, got shape \(5, 4\)"):
+        ops.assign_codes(torch.randn(5, 4), codebooks, counts)
+    with pytest.raises(ValueError, match=r"codebooks must have shape \(C=3, K, D=4\)"):
+        ops.assign_codes(torch.randn(3, 5, 4), codebooks, counts)
+    with pytest.raises(ValueError, match=r"counts must have shape \(C=2, K=8\)"):
+        ops.assign_codes(torch.randn(2, 5, 4), codebooks, counts[:, :3])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.assign_codes(torch.ones(2, 5, 4, dtype=torch.int32), codebooks, counts)
+    with pytest.raises(TypeError, match="labels must have dtype int64"):
+        ops.codebook_update_(codebooks, counts, torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.int32), 0.9)
+    with pytest.raises(ValueError, match=r"labels must have shape \(C, N\) = \(2, 5\)"):
+        ops.codebook_update_(codebooks, counts, torch.randn(2, 5, 4), torch.zeros(2, 6, dtype=torch.int64), 0.9)
+    with pytest.raises(ValueError, match="decay must be in"):
+        ops.codebook_update_(codebooks, counts, torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.int64), 1.5)
+    with pytest.raises(ValueError, match=r"bias must have shape \(C=2, K=8\)"):
+        ops.masked_prediction_loss(
+            torch.randn(5, 4), codebooks, torch.zeros(2, 7), torch.zeros(2, 5, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match=r"h must have D=4"):
+        ops.masked_prediction_loss(torch.randn(5, 3), codebooks, counts, torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.assign_codes([[1.0]], codebooks, counts)
