@@ -43,8 +43,28 @@ pybind11::dict build_info() {
 
 }  // namespace
 
-// Operator schemas of the compiled backends are defined here as the kernels land.
-TORCH_LIBRARY(spidr, m) {}
+// Operator schemas of the compiled backends (C codebooks or heads, N rows, D features, K codewords).
+// Implementations: cpu/ (dispatch key CPU) and cuda/ (CUDA). Python adds fake kernels and autograd
+// (spidr/ops/compiled.py). Every implementation validates its arguments with TORCH_CHECK.
+TORCH_LIBRARY(spidr, m) {
+  // labels (C, N) int64: argmin_k ||c_k||^2 - 2 x.c_k with c = codebooks / counts[..., None], in float32,
+  // ties to the lowest index. x (C, N, D) float32/bfloat16/float16; codebooks (C, K, D) and counts (C, K) float32.
+  m.def("assign_codes(Tensor x, Tensor codebooks, Tensor counts) -> Tensor");
+  // (count (C, K) float32, memory (C, K, D) float32): rows labelled k per codebook, and their sum.
+  m.def("segment_sums(Tensor x, Tensor labels, int num_codewords) -> (Tensor, Tensor)");
+  // Masked-prediction loss. h (N, D) shared by all heads or (C, N, D); weight (C, K, D); bias (C, K);
+  // labels (C, N). Returns (loss (N,) float32, mean_probs (C, K) float32, grad_h, grad_weight, grad_bias):
+  // with compute_grads, the gradients of sum(loss) (upstream gradient of ones) in the dtypes of h,
+  // weight and bias, computed in the same pass as the loss; without, three empty tensors.
+  m.def(
+      "mpl_forward(Tensor h, Tensor weight, Tensor bias, Tensor labels, bool compute_grads)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients for the upstream gradient grad_loss (N,): the saved ones scaled when grad_loss is uniform,
+  // else recomputed exactly from h, weight, bias and labels.
+  m.def(
+      "mpl_backward(Tensor grad_loss, Tensor h, Tensor weight, Tensor bias, Tensor labels, Tensor grad_h,"
+      " Tensor grad_weight, Tensor grad_bias) -> (Tensor, Tensor, Tensor)");
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "spidr compiled kernels";

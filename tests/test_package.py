@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ from tests.conftest import REPO
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPIDR_OPS_BACKEND")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
 
 
 def test_extension_reports_how_it_was_built():

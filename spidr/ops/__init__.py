@@ -43,8 +43,8 @@ __all__ = [
 register(
     Backend(
         name="torch",
-        priority=0,
-        usable=lambda device_type: True,
+        priorities={"*": 0},
+        available=lambda device_type: True,
         assign_codes=reference.assign_codes,
         codebook_update_=reference.codebook_update_,
         masked_prediction_loss=reference.masked_prediction_loss,
@@ -53,9 +53,12 @@ register(
 
 
 def _load_compiled() -> None:
-    # The compiled backends register here once their kernels exist; loading the extension now also
-    # gives the one warning that says why, when it cannot be imported.
-    _extension.load()
+    # Loading the extension at the first op call (not at import) keeps `import spidr` light, and
+    # gives the one warning that says why when it cannot be imported.
+    from spidr.ops import compiled, triton_backend
+
+    compiled.register_backends(_extension.load() is not None)
+    triton_backend.register_backend()
 
 
 add_loader(_load_compiled)

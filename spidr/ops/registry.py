@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +19,26 @@ class Backend:
 
     Attributes:
         name: what users force it by (``SPIDR_OPS_BACKEND`` or :func:`use_backend`).
-        priority: higher runs first when several are usable.
-        usable: whether it can run on a device type (``"cpu"``, ``"cuda"``, ...) in this process.
+        priorities: device type (``"cpu"``, ``"cuda"``, or ``"*"`` for any) -> rank; higher runs
+            first. Device types not listed are not supported.
+        available: whether it can run now on a device type (hardware, interpreter settings).
         assign_codes, codebook_update_, masked_prediction_loss: the implementations.
     """
 
     name: str
-    priority: int
-    usable: Callable[[str], bool]
+    priorities: Mapping[str, int]
+    available: Callable[[str], bool]
     assign_codes: Callable
     codebook_update_: Callable
     masked_prediction_loss: Callable
+
+    def priority(self, device_type: str) -> int | None:
+        """Rank on ``device_type``, None when unsupported there."""
+        return self.priorities.get(device_type, self.priorities.get("*"))
+
+    def usable(self, device_type: str) -> bool:
+        """Whether it supports ``device_type`` and can run there now."""
+        return self.priority(device_type) is not None and self.available(device_type)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -63,13 +72,14 @@ def register(backend: Backend) -> None:
 def registered() -> list[str]:
     """Names of all registered backends, usable or not."""
     _run_loaders()
-    return sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority)
+    return sorted(_REGISTRY)
 
 
 def backends(device: str | torch.device = "cpu") -> list[str]:
     """Names of the backends usable for tensors on ``device``, fastest first."""
     device_type = torch.device(device).type
-    return [name for name in registered() if _REGISTRY[name].usable(device_type)]
+    usable = [name for name in registered() if _REGISTRY[name].usable(device_type)]
+    return sorted(usable, key=lambda name: -(_REGISTRY[name].priority(device_type) or 0))
 
 
 def _forced_name() -> str | None:

@@ -1,0 +1,169 @@
+// CPU kernels of the codebooks: nearest-codeword assignment and per-codeword segment sums.
+//
+// assign_codes: rows are processed in blocks of kRowBlock; each OpenMP thread multiplies its block
+// by the codebook (one BLAS call, the codebook tile staying in cache), keeps the (block, K)
+// products in a thread-local buffer and reduces them to a running argmin at once, so no (N, K)
+// distance matrix is ever written. segment_sums: each thread accumulates its rows into its own
+// partial (C, K, D) sums, merged at the end: no atomics, deterministic for a given thread count.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+
+namespace spidr::cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 256;
+
+// Accumulate one row into a partial sum. Cloned for AVX-512 / AVX2 with a run-time CPU check,
+// so the loop is vectorised for the machine it runs on whatever the build flags.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void add_row(float* __restrict acc,
+                                                                         const float* __restrict row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void sum_partials(float* __restrict out,
+                                                                              const float* __restrict partials,
+                                                                              int64_t num_partials, int64_t stride,
+                                                                              int64_t begin, int64_t end) {
+  for (int64_t p = 0; p < num_partials; ++p) {
+    const float* src = partials + p * stride;
+    for (int64_t i = begin; i < end; ++i) out[i] += src[i];
+  }
+}
+
+void check_assign_args(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& counts) {
+  check_cpu(x, "x");
+  check_cpu(codebooks, "codebooks");
+  check_cpu(counts, "counts");
+  TORCH_CHECK(x.dim() == 3, "x must be (C, N, D), got shape ", x.sizes());
+  TORCH_CHECK(codebooks.dim() == 3, "codebooks must be (C, K, D), got shape ", codebooks.sizes());
+  TORCH_CHECK(counts.dim() == 2, "counts must be (C, K), got shape ", counts.sizes());
+  check_float_dtype(x, "x");
+  TORCH_CHECK(codebooks.scalar_type() == at::kFloat, "codebooks must be float32, got ", codebooks.scalar_type());
+  TORCH_CHECK(counts.scalar_type() == at::kFloat, "counts must be float32, got ", counts.scalar_type());
+  TORCH_CHECK(codebooks.size(0) == x.size(0) && codebooks.size(2) == x.size(2), "codebooks must be (C=", x.size(0),
+              ", K, D=", x.size(2), "), got ", codebooks.sizes());
+  TORCH_CHECK(codebooks.size(1) > 0, "codebooks must hold at least one codeword");
+  TORCH_CHECK(counts.size(0) == codebooks.size(0) && counts.size(1) == codebooks.size(1), "counts must be (C=",
+              codebooks.size(0), ", K=", codebooks.size(1), "), got ", counts.sizes());
+}
+
+at::Tensor assign_codes_cpu(const at::Tensor& x_in, const at::Tensor& codebooks, const at::Tensor& counts) {
+  check_assign_args(x_in, codebooks, counts);
+  const int64_t C = x_in.size(0), N = x_in.size(1), D = x_in.size(2), K = codebooks.size(1);
+  auto labels = at::empty({C, N}, x_in.options().dtype(at::kLong));
+  if (N == 0) return labels;
+  const auto x = x_in.detach().contiguous();
+  const auto codewords = (codebooks.detach() / counts.detach().unsqueeze(-1)).contiguous();
+  const auto norms = codewords.square().sum(-1).contiguous();  // (C, K)
+  const bool convert = x.scalar_type() != at::kFloat;
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const float* norms_ptr = norms.data_ptr<float>();
+  int64_t* labels_ptr = labels.data_ptr<int64_t>();
+
+  ExceptionCatcher catcher;
+#pragma omp parallel
+  {
+    catcher.run([&] {
+      auto dots = at::empty({kRowBlock, K}, codewords.options());
+      auto staged = convert ? at::empty({kRowBlock, D}, codewords.options()) : at::Tensor();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < C * blocks; ++task) {
+        const int64_t c = task / blocks, r0 = (task % blocks) * kRowBlock;
+        const int64_t rows = std::min(kRowBlock, N - r0);
+        catcher.run([&] {
+          auto xb = x.select(0, c).narrow(0, r0, rows);
+          if (convert) xb = staged.narrow(0, 0, rows).copy_(xb);
+          auto out = dots.narrow(0, 0, rows);
+          at::mm_out(out, xb, codewords.select(0, c).t());
+          const float* nc = norms_ptr + c * K;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* d = out.data_ptr<float>() + r * K;
+            float best = std::numeric_limits<float>::infinity();
+            int64_t best_k = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const float v = nc[k] - 2.0f * d[k];
+              if (v < best) {  // strict: ties keep the lowest index
+                best = v;
+                best_k = k;
+              }
+            }
+            labels_ptr[c * N + r0 + r] = best_k;
+          }
+        });
+      }
+    });
+  }
+  catcher.rethrow();
+  return labels;
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_sums_cpu(const at::Tensor& x_in, const at::Tensor& labels_in,
+                                                    int64_t num_codewords) {
+  check_cpu(x_in, "x");
+  check_cpu(labels_in, "labels");
+  TORCH_CHECK(x_in.dim() == 3, "x must be (C, N, D), got shape ", x_in.sizes());
+  check_float_dtype(x_in, "x");
+  TORCH_CHECK(labels_in.scalar_type() == at::kLong, "labels must be int64, got ", labels_in.scalar_type());
+  TORCH_CHECK(labels_in.dim() == 2 && labels_in.size(0) == x_in.size(0) && labels_in.size(1) == x_in.size(1),
+              "labels must be (C, N) = (", x_in.size(0), ", ", x_in.size(1), "), got ", labels_in.sizes());
+  TORCH_CHECK(num_codewords > 0, "num_codewords must be positive, got ", num_codewords);
+  const int64_t C = x_in.size(0), N = x_in.size(1), D = x_in.size(2), K = num_codewords;
+  auto fopts = x_in.options().dtype(at::kFloat);
+  auto count = at::zeros({C, K}, fopts);
+  auto memory = at::zeros({C, K, D}, fopts);
+  if (N == 0) return {count, memory};
+  const auto labels = labels_in.contiguous();
+  const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < K, "labels must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");
+  const auto x = x_in.detach().to(at::kFloat).contiguous();
+
+  // A few threads saturate memory bandwidth here; more would only multiply the partial buffers.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({max_threads(), 8, (N + 63) / 64})));
+  const int64_t stride = C * K * D;
+  auto partial_sums = at::zeros({threads, C, K, D}, fopts);
+  std::vector<int64_t> partial_counts(static_cast<size_t>(threads) * C * K, 0);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* lp = labels.data_ptr<int64_t>();
+  float* pp = partial_sums.data_ptr<float>();
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = thread_id();
+    float* mine = pp + t * stride;
+    int64_t* my_counts = partial_counts.data() + static_cast<size_t>(t) * C * K;
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t k = lp[c * N + n];
+        ++my_counts[c * K + k];
+        add_row(mine + (c * K + k) * D, xp + (c * N + n) * D, D);
+      }
+    }
+  }
+  // Merge the partials, in parallel over the (C, K, D) elements, in thread order.
+  float* out = memory.data_ptr<float>();
+  const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t begin = 0; begin < stride; begin += chunk) {
+    sum_partials(out, pp, threads, stride, begin, std::min(stride, begin + chunk));
+  }
+  float* cp = count.data_ptr<float>();
+  for (int t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < C * K; ++i) cp[i] += static_cast<float>(partial_counts[static_cast<size_t>(t) * C * K + i]);
+  return {count, memory};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spidr, CPU, m) {
+  m.impl("assign_codes", &assign_codes_cpu);
+  m.impl("segment_sums", &segment_sums_cpu);
+}
+
+}  // namespace spidr::cpu
