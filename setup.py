@@ -24,7 +24,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = ["csrc/spidr_ext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     macros = []
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -33,7 +33,7 @@ def extension():
             "spidr._C",
             sources,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(

@@ -1,15 +1,18 @@
 // CPU masked-prediction loss: fused linear + cross-entropy by row blocks, forward and gradients in one pass.
 //
-// Each OpenMP thread owns whole row blocks. For a block and a head it computes the block's logits
-// (one BLAS call per K tile into a thread-local buffer), their log-sum-exp (online across K tiles
-// when K is larger than one tile), the loss terms and the softmax; with gradients wanted, the
-// buffer becomes g = (softmax - onehot) * scale in place and is reduced at once into grad_h
-// (rows owned by the thread) and per-thread partials of grad_weight and grad_bias, merged at the
-// end. Only one (block, K) buffer per thread is ever alive: the (N, K) logits never exist.
+// For each block of rows and each head: the block's logits by one BLAS call (all threads) into a
+// reused (block, K) buffer; an OpenMP epilogue over the block's rows (online log-sum-exp, loss
+// terms, softmax, and with gradients g = (softmax - onehot) * scale in place); then g is reduced at
+// once into grad_h (g @ W) and grad_weight (g^T @ h) by two more BLAS calls. Three GEMMs per block
+// and head, the floor of this loss: the gradients are computed in the forward pass and only scaled
+// by the backward when the upstream gradient is uniform (the training case). The (N, K) logits
+// never exist; one (block, K) buffer does.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -17,8 +20,6 @@
 
 namespace spidr::cpu {
 namespace {
-
-constexpr int64_t kTileK = 512;
 
 struct LossArgs {
   int64_t C, N, D, K;
@@ -57,8 +58,82 @@ struct PassOutput {
   at::Tensor loss, mean_probs, grad_h, grad_weight, grad_bias;
 };
 
-// One fused pass. row_scale (N,) float32, when defined, multiplies each row's gradient (the upstream
-// gradient); otherwise it is 1. Gradients are of sum(loss), i.e. the per-head terms divided by C.
+// exp(x) for x <= 0 (shifted logits), within 2 ulp of expf: 2^n * p(r) with n = round(x / ln 2) and a
+// degree-6 polynomial on |r| <= ln(2)/2. Plain arithmetic, so the row loops below auto-vectorise.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr int64_t kChunk = 16;  // codewords per step of the online log-sum-exp
+
+// The row-wise epilogue of one (rows, K) block of logits, in place: an online log-sum-exp over chunks of
+// kChunk codewords (one pass: each chunk is exponentiated against the running max, and earlier chunks
+// are rescaled once at the end), the loss terms, the column sums of the softmax (probs_sum) and, when
+// grad_scale is given, g = (softmax - onehot) * grad_scale[row] with its column sums (grad_bias_sum).
+// Cloned per instruction set and chosen at run time, so the chunk loops are vectorised.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void block_epilogue(
+    float* __restrict logits, int64_t rows, int64_t K, const int64_t* __restrict labels,
+    float* __restrict loss_terms, float* __restrict probs_sum, const float* __restrict grad_scale,
+    float* __restrict grad_bias_sum, float* __restrict chunk_max) {
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = logits + r * K;
+    const int64_t label = labels[r];
+    const float label_logit = row[label];
+    float m = -std::numeric_limits<float>::infinity(), s = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* x = row + c * kChunk;
+      const int64_t w = std::min(kChunk, K - c * kChunk);
+      float cm = x[0];
+      for (int64_t k = 1; k < w; ++k) cm = x[k] > cm ? x[k] : cm;
+      if (cm > m) {
+        s *= exp_nonpositive(m - cm);
+        m = cm;
+      }
+      float cs = 0.0f;
+      for (int64_t k = 0; k < w; ++k) {
+        x[k] = exp_nonpositive(x[k] - m);
+        cs += x[k];
+      }
+      s += cs;
+      chunk_max[c] = m;
+    }
+    // -log_softmax[label] = log(sum exp(logit - max)) - (logit[label] - max)
+    loss_terms[r] = std::log(s) - (label_logit - m);
+    const float inv = 1.0f / s;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* x = row + c * kChunk;
+      const int64_t w = std::min(kChunk, K - c * kChunk);
+      const float f = exp_nonpositive(chunk_max[c] - m) * inv;
+      for (int64_t k = 0; k < w; ++k) x[k] *= f;
+    }
+    for (int64_t k = 0; k < K; ++k) probs_sum[k] += row[k];
+    if (grad_scale != nullptr) {
+      const float g = grad_scale[r];
+      row[label] -= 1.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        row[k] *= g;
+        grad_bias_sum[k] += row[k];
+      }
+    }
+  }
+}
+
+// One fused pass over row blocks. Each block's GEMMs use every thread (BLAS), the epilogue splits the
+// block's rows across OpenMP threads. row_scale (N,) float32, when defined, multiplies each row's
+// gradient (the upstream gradient); otherwise it is 1. Gradients are of sum(loss) (terms divided by C).
 PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& bias,
                       const at::Tensor& labels_in, const at::Tensor& row_scale, bool want_loss, bool want_grads) {
   const LossArgs a = check_loss_args(h_in, weight, bias, labels_in);
@@ -71,7 +146,7 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
     out.grad_weight = at::empty({0}, weight.options());
     out.grad_bias = at::empty({0}, bias.options());
   }
-  // Kernels compute values only: detached inputs keep the ATen calls below out of autograd in every thread.
+  // Kernels compute values only: detached inputs keep the ATen calls below out of autograd.
   const auto wf = weight.detach().to(at::kFloat).contiguous();
   const auto bf = bias.detach().to(at::kFloat).contiguous();
   if (a.N == 0) {
@@ -85,98 +160,82 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
   const auto h = h_in.detach().contiguous();
   const auto labels = labels_in.contiguous();
   const bool convert = h.scalar_type() != at::kFloat;
-  const int64_t block = std::clamp<int64_t>(65536 / a.K, 16, 512);
-  const int64_t blocks = (a.N + block - 1) / block;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), blocks)));
+  const int64_t block = std::clamp<int64_t>((int64_t{1} << 21) / a.K, 64, 16384);  // an 8 MiB logits buffer
+  const int threads = max_threads();
   const float inv_heads = 1.0f / static_cast<float>(a.C);
 
-  auto probs_partial = at::zeros({threads, a.C, a.K}, fopts);
-  at::Tensor grad_h32, gw_partial, gb_partial;
+  at::Tensor grad_h32, grad_w32, grad_b32;
   if (want_grads) {
-    grad_h32 = at::zeros(h.sizes(), fopts);
-    gw_partial = at::zeros({threads, a.C, a.K, a.D}, fopts);
-    gb_partial = at::zeros({threads, a.C, a.K}, fopts);
+    grad_h32 = at::empty(h.sizes(), fopts);  // every element is written by its block's first head
+    grad_w32 = at::zeros({a.C, a.K, a.D}, fopts);
+    grad_b32 = at::zeros({a.C, a.K}, fopts);
   }
-  const auto scale = row_scale.defined() ? row_scale.detach().to(at::kFloat).contiguous() : at::Tensor();
+  const auto scale = want_grads ? (row_scale.defined() ? row_scale.detach().to(at::kFloat) * inv_heads
+                                                       : at::full({a.N}, inv_heads, fopts))
+                                      .contiguous()
+                                : at::Tensor();
+  auto logits = at::empty({block, a.K}, fopts);
+  auto staged = convert ? at::empty({block, a.D}, fopts) : at::Tensor();
+  auto terms = at::empty({block}, fopts);
+  // Per-thread column sums of the softmax and of g, merged after each block (no atomics), and
+  // per-thread scratch for the running maxima of the online log-sum-exp.
+  auto partial = at::zeros({threads, 2, a.K}, fopts);
+  auto scratch = at::empty({threads, (a.K + kChunk - 1) / kChunk}, fopts);
   float* loss_ptr = out.loss.data_ptr<float>();
-  const int64_t* label_ptr = labels.data_ptr<int64_t>();
+  float* partial_ptr = partial.data_ptr<float>();
+  float* probs_ptr = out.mean_probs.data_ptr<float>();
 
-  ExceptionCatcher catcher;
+  for (int64_t r0 = 0; r0 < a.N; r0 += block) {
+    const int64_t rows = std::min(block, a.N - r0);
+    auto lg = logits.narrow(0, 0, rows);
+    for (int64_t i = 0; i < a.C; ++i) {
+      auto hb = (a.shared ? h : h.select(0, i)).narrow(0, r0, rows);
+      if (convert) hb = staged.narrow(0, 0, rows).copy_(hb);
+      const auto wi = wf.select(0, i);
+      at::addmm_out(lg, bf.select(0, i), hb, wi.t());
+      const int64_t* lab = labels.data_ptr<int64_t>() + i * a.N + r0;
+      const float* gs = want_grads ? scale.data_ptr<float>() + r0 : nullptr;
+      float* lp = lg.data_ptr<float>();
+      float* tp = terms.data_ptr<float>();
+      partial.zero_();
 #pragma omp parallel num_threads(threads)
-  {
-    catcher.run([&] {
-      const int t = thread_id();
-      auto logits = at::empty({block, a.K}, fopts);
-      auto staged = convert ? at::empty({block, a.D}, fopts) : at::Tensor();
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < blocks; ++b) {
-        catcher.run([&] {
-          const int64_t r0 = b * block, rows = std::min(block, a.N - r0);
-          auto lg = logits.narrow(0, 0, rows);
-          for (int64_t i = 0; i < a.C; ++i) {
-            auto hb = (a.shared ? h : h.select(0, i)).narrow(0, r0, rows);
-            if (convert) hb = staged.narrow(0, 0, rows).copy_(hb);
-            const auto wi = wf.select(0, i), bi = bf.select(0, i);
-            at::Tensor shifted_label;  // logits[label] - lse, per row
-            auto lab = labels.select(0, i).narrow(0, r0, rows).unsqueeze(1);
-            if (a.K <= kTileK) {
-              at::addmm_out(lg, bi, hb, wi.t());
-              auto m = std::get<0>(lg.max(1, /*keepdim=*/true));
-              lg.sub_(m);
-              auto at_label = lg.gather(1, lab);  // logit[label] - max
-              lg.exp_();
-              auto s = lg.sum(1, /*keepdim=*/true);
-              lg.div_(s);  // softmax
-              // log_softmax[label] = (logit[label] - max) - log(sum exp(logit - max))
-              shifted_label = (at_label - s.log()).squeeze(1);
-            } else {
-              // Online log-sum-exp across K tiles: running max m and rescaled running sum s.
-              auto m = at::full({rows, 1}, -std::numeric_limits<float>::infinity(), fopts);
-              auto s = at::zeros({rows, 1}, fopts);
-              for (int64_t k0 = 0; k0 < a.K; k0 += kTileK) {
-                const int64_t kw = std::min(kTileK, a.K - k0);
-                auto tile = lg.narrow(1, k0, kw);
-                at::addmm_out(tile, bi.narrow(0, k0, kw), hb, wi.narrow(0, k0, kw).t());
-                auto m_new = at::maximum(m, std::get<0>(tile.max(1, true)));
-                s = s * (m - m_new).exp() + (tile - m_new).exp().sum(1, true);
-                m = m_new;
-              }
-              auto lse = m + s.log();
-              shifted_label = (lg.gather(1, lab) - lse).squeeze(1);
-              lg.sub_(lse).exp_();  // softmax
-            }
-            probs_partial.select(0, t).select(0, i).add_(lg.sum(0));
-            if (want_loss) {
-              const float* sl = shifted_label.data_ptr<float>();
-              for (int64_t r = 0; r < rows; ++r) loss_ptr[r0 + r] -= sl[r];
-            }
-            if (want_grads) {
-              const int64_t* lab = label_ptr + i * a.N + r0;
-              float* g = lg.data_ptr<float>();
-              for (int64_t r = 0; r < rows; ++r) g[r * a.K + lab[r]] -= 1.0f;
-              if (scale.defined()) {
-                lg.mul_(scale.narrow(0, r0, rows).unsqueeze(1) * inv_heads);
-              } else {
-                lg.mul_(inv_heads);
-              }
-              auto gh = (a.shared ? grad_h32 : grad_h32.select(0, i)).narrow(0, r0, rows);
-              at::addmm_out(gh, gh, lg, wi);
-              auto gw = gw_partial.select(0, t).select(0, i);
-              at::addmm_out(gw, gw, lg.t(), hb);
-              gb_partial.select(0, t).select(0, i).add_(lg.sum(0));
-            }
-          }
-        });
+      {
+        const int t = thread_id(), nt = team_size();
+        const int64_t per = (rows + nt - 1) / nt, begin = std::min(rows, t * per), end = std::min(rows, begin + per);
+        float* mine = partial_ptr + t * 2 * a.K;
+        block_epilogue(lp + begin * a.K, end - begin, a.K, lab + begin, tp + begin, mine,
+                       gs == nullptr ? nullptr : gs + begin, mine + a.K,
+                       scratch.data_ptr<float>() + t * scratch.size(1));
       }
-    });
+      for (int t = 0; t < threads; ++t) {
+        const float* src = partial_ptr + t * 2 * a.K;
+        for (int64_t k = 0; k < a.K; ++k) probs_ptr[i * a.K + k] += src[k];
+        if (want_grads) {
+          float* gb = grad_b32.data_ptr<float>() + i * a.K;
+          for (int64_t k = 0; k < a.K; ++k) gb[k] += src[a.K + k];
+        }
+      }
+      if (want_loss) {
+        for (int64_t r = 0; r < rows; ++r) loss_ptr[r0 + r] += tp[r];  // heads summed in order, as the release
+      }
+      if (want_grads) {
+        auto gh = (a.shared ? grad_h32 : grad_h32.select(0, i)).narrow(0, r0, rows);
+        if (a.shared && i > 0) {
+          at::addmm_out(gh, gh, lg, wi);
+        } else {
+          at::mm_out(gh, lg, wi);
+        }
+        auto gw = grad_w32.select(0, i);
+        at::addmm_out(gw, gw, lg.t(), hb);
+      }
+    }
   }
-  catcher.rethrow();
   if (want_loss) out.loss.mul_(inv_heads);
-  out.mean_probs = probs_partial.sum(0).div_(static_cast<float>(a.N));
+  out.mean_probs.div_(static_cast<float>(a.N));
   if (want_grads) {
     out.grad_h = grad_h32.to(h_in.scalar_type());
-    out.grad_weight = gw_partial.sum(0).to(weight.scalar_type());
-    out.grad_bias = gb_partial.sum(0).to(bias.scalar_type());
+    out.grad_weight = grad_w32.to(weight.scalar_type());
+    out.grad_bias = grad_b32.to(bias.scalar_type());
   }
   return out;
 }

@@ -263,8 +263,10 @@ class DinoSR(nn.Module):
         num_codewords = mean_probs.shape[1]
         n = labels.shape[1]
         offsets = torch.arange(self.num_codebooks, device=labels.device).unsqueeze(1) * num_codewords
-        target_sums = torch.bincount((labels + offsets).reshape(-1), minlength=self.num_codebooks * num_codewords)
-        target_sums = target_sums.view(self.num_codebooks, num_codewords).float()
+        flat = (labels + offsets).reshape(-1)
+        target_sums = torch.zeros(self.num_codebooks * num_codewords, dtype=torch.float32, device=labels.device)
+        target_sums = target_sums.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        target_sums = target_sums.view(self.num_codebooks, num_codewords)
         pred_sums = mean_probs * n
         if dist.is_available() and dist.is_initialized():
             flat = torch.cat(

@@ -56,6 +56,17 @@ def _register_abstract() -> None:
 
     def backward(ctx, grad_loss, *_unused):
         h, weight, bias, labels, grad_h, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_h.numel() and not torch.compiler.is_compiling():
+            # Eager fast path: a uniform upstream gradient (the training case, loss.sum() * scale)
+            # scales the gradients the forward computed, in place, so no second copy of grad_h is
+            # allocated. A second backward through this node then fails autograd's version check
+            # instead of scaling twice.
+            first = grad_loss.reshape(-1)[:1]
+            if grad_loss.numel() == 0 or bool((grad_loss == first).all()):
+                scale = first.to(torch.float32) if grad_loss.numel() else torch.ones(1, device=grad_loss.device)
+                for grad in (grad_h, grad_weight, grad_bias):
+                    grad.mul_(scale.to(grad.dtype))
+                return grad_h, grad_weight, grad_bias, None, None
         gh, gw, gb = torch.ops.spidr.mpl_backward(
             grad_loss.contiguous(), h, weight, bias, labels, grad_h, grad_weight, grad_bias
         )

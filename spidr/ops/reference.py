@@ -30,7 +30,9 @@ def segment_sums(x: Tensor, labels: Tensor, num_codewords: int) -> tuple[Tensor,
     """Per codebook: how many rows have each label (C, K) and the sum of those rows (C, K, D), in float32."""
     num_codebooks, _, dim = x.shape
     flat = (labels + torch.arange(num_codebooks, device=labels.device).unsqueeze(1) * num_codewords).reshape(-1)
-    count = torch.bincount(flat, minlength=num_codebooks * num_codewords).to(torch.float32)
+    # index_add_ rather than bincount: the output size stays static, which torch.compile needs
+    count = torch.zeros(num_codebooks * num_codewords, dtype=torch.float32, device=x.device)
+    count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
     memory = torch.zeros(num_codebooks * num_codewords, dim, dtype=torch.float32, device=x.device)
     memory.index_add_(0, flat, x.reshape(-1, dim).float())
     return count.view(num_codebooks, num_codewords), memory.view(num_codebooks, num_codewords, dim)

@@ -91,28 +91,39 @@ def _forced_name() -> str | None:
 
 def select(device: torch.device) -> Backend:
     """The backend to run for tensors on ``device``: the forced one, else the fastest usable one."""
-    _run_loaders()
-    name = _forced_name()
-    if name is not None:
-        backend = _REGISTRY.get(name)
-        if backend is None:
-            why = "is not built or not available in this installation" if name in _KNOWN_NAMES else "is unknown"
-            raise BackendError(
-                f"spidr.ops backend {name!r} (forced by {ENV_VAR} or use_backend) {why}; "
-                f"registered backends: {', '.join(registered())}"
-            )
-        if not backend.usable(device.type):
-            raise BackendError(
-                f"spidr.ops backend {name!r} (forced by {ENV_VAR} or use_backend) cannot run on {device.type} "
-                f"tensors; usable there: {', '.join(backends(device.type))}"
-            )
-    else:
-        usable = backends(device.type)
-        if not usable:
-            raise BackendError(f"no spidr.ops backend can run on {device.type} tensors")
-        backend = _REGISTRY[usable[0]]
+    backend = _REGISTRY[_resolve(device.type)]
     _last[0] = backend.name
     return backend
+
+
+def _resolve(device_type: str) -> str:
+    _run_loaders()
+    name = _forced_name()
+    if name is None:
+        usable = backends(device_type)
+        if not usable:
+            raise BackendError(f"no spidr.ops backend can run on {device_type} tensors")
+        return usable[0]
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        why = "is not built or not available in this installation" if name in _KNOWN_NAMES else "is unknown"
+        raise BackendError(
+            f"spidr.ops backend {name!r} (forced by {ENV_VAR} or use_backend) {why}; "
+            f"registered backends: {', '.join(registered())}"
+        )
+    if not backend.usable(device_type):
+        raise BackendError(
+            f"spidr.ops backend {name!r} (forced by {ENV_VAR} or use_backend) cannot run on {device_type} "
+            f"tensors; usable there: {', '.join(backends(device_type))}"
+        )
+    return name
+
+
+# torch.compile runs _resolve at trace time and bakes the choice into the graph (forcing another
+# backend afterwards needs a recompile) instead of breaking the graph on ContextVar and os.environ.
+# This is what torch.compiler.assume_constant_result does, without importing torch._dynamo (and
+# with it triton) at `import spidr`; tests/test_compile.py fails if the marker stops working.
+_resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
