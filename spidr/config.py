@@ -7,22 +7,35 @@ release ``config.json`` loads unchanged. Every constructor that reads user data 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 __all__ = [
     "DEFAULT_CONV_LAYER_CONFIG",
     "SAMPLE_RATE",
+    "Config",
     "ConfigError",
+    "DataConfig",
     "DinoSRConfig",
+    "MaskingConfig",
     "ModelType",
+    "OptimizerConfig",
+    "RunConfig",
+    "SlurmConfig",
     "SpidRConfig",
+    "config_to_dict",
     "from_mapping",
     "model_config_class",
+    "parse_override",
+    "read_config",
 ]
 
 SAMPLE_RATE: int = 16_000
@@ -256,3 +269,256 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {prefix}{name} in {cls.__name__}")
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- training configuration
+MaskingStrategy = Literal["static", "uniform", "normal", "poisson"]
+
+
+def _require(ok: bool, where: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Where validation jobs run under SLURM (the ``run.slurm_validation`` table)."""
+
+    account: str
+    nodes: int = 1
+    gpus_per_node: int = 1
+    qos: str | None = None
+    time: int | None = None
+    cpus_per_task: int | None = None
+    mem_per_gpu: str | None = None
+    constraint: str | None = None
+    partition: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The ``run`` table: where the run lives, logging, checkpoints (release field names)."""
+
+    workdir: str
+    wandb_project: str
+    wandb_name: str
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    random_seed: int = 0
+    use_deterministic: bool = False
+    log_interval: int = 200
+    save_interval: int = 2_500
+    init_ckpt: str | None = None
+    compile: bool = True
+    keep_latest: int = -1
+    model_type: ModelType = "dinosr"
+    slurm_validation: SlurmConfig | None = None
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of the files read is unreadable
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval > 0, "run.log_interval", self.log_interval, "a positive integer")
+        _require(self.save_interval >= 0, "run.save_interval", self.save_interval, "a non-negative integer")
+        _require(self.keep_latest >= -1, "run.keep_latest", self.keep_latest, "-1 (keep all) or a count >= 0")
+        _require(0 <= self.max_bad_fraction <= 1, "run.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
+        _require(
+            self.max_nonfinite_steps > 0, "run.max_nonfinite_steps", self.max_nonfinite_steps, "a positive integer"
+        )
+
+    @property
+    def dir(self) -> str:
+        """The run directory: ``workdir/wandb_project/wandb_name``."""
+        return f"{self.workdir}/{self.wandb_project}/{self.wandb_name}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` table (and each ``validation.<name>`` table): manifest, batching, loading."""
+
+    manifest: str
+    enable_padding: bool = False
+    rand_crop: bool = True
+    normalize: bool = True
+    num_buckets: int = 1000
+    min_sample_size: int = 2_000
+    max_sample_size: int = 320_000
+    max_batch_length: int = 3_800_000
+    drop_last: bool = False
+    num_workers: int = 10
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    random_seed: int = 0
+    bucket_method: Literal["uniform", "percentile"] = "uniform"
+    alignments_path: str | None = None
+    resample: bool = False  # resample / downmix audio that is not 16 kHz mono instead of skipping it
+
+    def __post_init__(self) -> None:
+        for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
+            _require(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "a positive integer")
+        _require(
+            self.min_sample_size <= self.max_sample_size,
+            "data.min_sample_size",
+            self.min_sample_size,
+            f"at most data.max_sample_size ({self.max_sample_size})",
+        )
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The ``optimizer`` table: AdamW, clipping, precision and the learning-rate schedule."""
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    eps: float = 1e-6
+    max_norm: float = 10.0
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.01
+    max_steps: int = 400_000
+    warmup_steps: int = 12_000
+    hold_steps: int = 188_000
+    decay_steps: int = 200_000
+    rsqrt_timescale: int = 10_000
+    rsqrt_shift: int = 0
+    scheduler: Literal["tristage", "cosine", "rsqrt", "constant"] = "tristage"
+    exclude_from_optimizer: list[str] = field(default_factory=lambda: ["teacher"])
+    to_freeze: list[str] = field(default_factory=lambda: ["feature_extractor", "feature_projection"])
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
+        for i, beta in enumerate(self.betas):
+            _require(0 <= beta < 1, f"optimizer.betas[{i}]", beta, "a number in [0, 1)")
+        for name in ("weight_decay", "eps", "max_norm", "init_lr_scale", "final_lr_scale"):
+            _require(getattr(self, name) >= 0, f"optimizer.{name}", getattr(self, name), "a non-negative number")
+        for name in ("max_steps", "warmup_steps", "hold_steps", "decay_steps", "rsqrt_shift"):
+            _require(getattr(self, name) >= 0, f"optimizer.{name}", getattr(self, name), "a non-negative integer")
+        _require(self.rsqrt_timescale > 0, "optimizer.rsqrt_timescale", self.rsqrt_timescale, "a positive integer")
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.dtype != "float32"
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """The ``masking`` table: fairseq's span masking (names as in the release)."""
+
+    mask_prob: float = 0.8
+    mask_selection: MaskingStrategy = "static"
+    mask_other: float = 0.0
+    mask_length: int = 10
+    no_mask_overlap: bool = False
+    mask_min_space: int = 1
+    mask_channel_prob: float = 0.0
+    mask_channel_selection: MaskingStrategy = "static"
+    mask_channel_other: float = 0.0
+    mask_channel_length: int = 10
+    no_mask_channel_overlap: bool = False
+    mask_channel_min_space: int = 1
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.mask_prob <= 1, "masking.mask_prob", self.mask_prob, "a number in [0, 1]")
+        _require(self.mask_length >= 1, "masking.mask_length", self.mask_length, "a positive integer")
+        _require(self.mask_min_space >= 0, "masking.mask_min_space", self.mask_min_space, "a non-negative integer")
+        _require(
+            0 <= self.mask_channel_prob <= 1, "masking.mask_channel_prob", self.mask_channel_prob, "a number in [0, 1]"
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training configuration: the tables of a config file."""
+
+    run: RunConfig
+    data: DataConfig
+    model: DinoSRConfig
+    optimizer: OptimizerConfig
+    masking: MaskingConfig
+    validation: dict[str, DataConfig]
+
+
+_TABLES = ("run", "data", "model", "optimizer", "masking", "validation")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"table.key=value"`` -> (``["table", "key"]``, value); the value is read as JSON when it parses
+    (numbers, true/false, null, lists), as Python's True/False/None, and as a string otherwise."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like table.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"override {text!r}: the key must be table.key (or validation.name.key)")
+    raw = raw.strip()
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = {"True": True, "False": False, "None": None}.get(raw, raw)
+    return keys, value
+
+
+def read_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML or JSON training config into frozen dataclasses, strictly.
+
+    Args:
+        path: a ``.toml`` or ``.json`` file with the tables ``run``, ``data``, ``model``,
+            ``optimizer``, ``masking`` and ``validation.<name>`` (only ``run`` and ``data`` required).
+        overrides: ``"table.key=value"`` strings applied on top (``--set`` on the command lines);
+            values are typed by the field they set.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: an unsupported suffix, invalid syntax, an unknown table or key, a wrong type or an
+            out-of-range value; the message names the file and ``table.key``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"{path}: unsupported config format {path.suffix!r}, use .toml or .json")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: invalid {path.suffix[1:].upper()}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a table of tables")
+    data = copy.deepcopy(data)
+    for text_override in overrides:
+        keys, value = parse_override(text_override)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text_override!r}: {key} is not a table")
+        node[keys[-1]] = value
+    unknown = [t for t in data if t not in _TABLES]
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{unknown[0]}]; valid tables: {', '.join(_TABLES)}")
+    for table in ("run", "data"):
+        if table not in data:
+            raise ConfigError(f"{path}: missing required table [{table}]")
+    try:
+        run = from_mapping(RunConfig, data["run"], where="run")
+        validation = data.get("validation", {})
+        if not isinstance(validation, dict):
+            raise ConfigError("validation must be a table of named data tables")
+        return Config(
+            run=run,
+            data=from_mapping(DataConfig, data["data"], where="data"),
+            model=from_mapping(model_config_class(run.model_type), data.get("model", {}), where="model"),
+            optimizer=from_mapping(OptimizerConfig, data.get("optimizer", {}), where="optimizer"),
+            masking=from_mapping(MaskingConfig, data.get("masking", {}), where="masking"),
+            validation={
+                name: from_mapping(DataConfig, table, where=f"validation.{name}") for name, table in validation.items()
+            },
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON-able data (what ``config.json`` beside a checkpoint holds)."""
+    return dataclasses.asdict(cfg)

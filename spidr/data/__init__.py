@@ -1,0 +1,57 @@
+"""Data input for SpidR/DinoSR training and feature extraction.
+
+Submodules:
+
+* :mod:`spidr.data.manifests`: :class:`AudioEntry`, :func:`read_manifest` / ``write_manifest`` for CSV, JSONL and
+  fairseq TSV manifests, and :func:`scan_directory` / :func:`scan_tar` to index a dataset;
+* :mod:`spidr.data.audio`: :func:`load_audio` (mono 16 kHz float32 waveforms, from files or tar members) and
+  :func:`audio_info` (header only);
+* ``python -m spidr.data.write_manifest DATASET OUTPUT``: the command line that writes a manifest.
+
+The names below are exported lazily, so that ``import spidr.data`` loads neither polars nor TorchCodec.
+``write_manifest`` is not among them, since ``spidr.data.write_manifest`` is the command-line module: use
+``spidr.data.manifests.write_manifest``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spidr.data.audio import AudioError, audio_info, load_audio
+    from spidr.data.manifests import ArchiveError, AudioEntry, ManifestError, read_manifest, scan_directory, scan_tar
+
+_EXPORTS = {
+    "ArchiveError": "spidr.data.manifests",
+    "AudioEntry": "spidr.data.manifests",
+    "ManifestError": "spidr.data.manifests",
+    "read_manifest": "spidr.data.manifests",
+    "scan_directory": "spidr.data.manifests",
+    "scan_tar": "spidr.data.manifests",
+    "AudioError": "spidr.data.audio",
+    "audio_info": "spidr.data.audio",
+    "load_audio": "spidr.data.audio",
+}
+
+__all__ = [
+    "ArchiveError",
+    "AudioEntry",
+    "AudioError",
+    "ManifestError",
+    "audio_info",
+    "load_audio",
+    "read_manifest",
+    "scan_directory",
+    "scan_tar",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

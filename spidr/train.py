@@ -1,0 +1,364 @@
+"""Pretraining: ``python -m spidr.train CONFIG [--set table.key=value ...]``.
+
+One process per device: on its own it trains on the CPU or one GPU; under ``torchrun`` it trains with
+DistributedDataParallel (nccl on CUDA, gloo on the CPU). The run lives in ``run.workdir/
+wandb_project/wandb_name``: ``config.json``, ``step_N.pt`` checkpoints, ``final.pt``, ``log.jsonl``.
+Running the same command again resumes from the newest complete checkpoint, mid-epoch, exactly.
+SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spidr.checkpoint import newest_loadable, prune, save_atomic
+from spidr.config import Config, ConfigError, config_to_dict, read_config
+from spidr.models import DinoSR, build_model
+from spidr.optim import build_optimizer, drop_frozen_group
+
+logger = logging.getLogger("spidr.train")
+
+EXIT_BAD_INPUT = 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many bad files or non-finite steps); the message says why."""
+
+
+# --------------------------------------------------------------------------- process setup
+@dataclass
+class Env:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str) -> Env:
+    """Read torchrun's environment; initialise the process group when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Env(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states, in types that load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_python_rng_from_checkpoint(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_rng_from_checkpoint(state: Any) -> tuple:
+    # weights_only loading gives lists where random.getstate() had tuples
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+# --------------------------------------------------------------------------- stopping on signals
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption and time limits): the loop saves and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+
+
+# --------------------------------------------------------------------------- the loop
+def unwrap(model: nn.Module) -> DinoSR:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def all_reduce_sum(values: list[float], env: Env) -> list[float]:
+    if env.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """Holds the state of one training process; :meth:`run` trains to ``optimizer.max_steps``."""
+
+    def __init__(self, cfg: Config, env: Env) -> None:
+        from spidr.data.loader import TrainingData  # data dependencies (polars, torchcodec) only when training
+
+        self.cfg, self.env = cfg, env
+        self.dir = Path(cfg.run.dir)
+        seed_everything(cfg.run.random_seed)
+        if cfg.run.use_deterministic:
+            torch.use_deterministic_algorithms(True)
+        model = build_model(cfg=cfg.model)
+        if cfg.run.init_ckpt:
+            init = build_model(checkpoint=cfg.run.init_ckpt, model_type=cfg.run.model_type)
+            model.load_state_dict(init.state_dict())
+        self.model = model.to(env.device).train()
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.optimizer.dtype == "float16")
+        self.data = TrainingData(cfg.data, cfg.masking, cfg.model, rank=env.rank, world_size=env.world_size)
+        self.step, self.epoch = 0, 0
+        self.nonfinite_in_a_row = 0
+        self.counters = {"skipped_steps": 0}
+        self.forward = self.model
+        self.stop = StopFlag()
+        self.log_path = self.dir / "log.jsonl"
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "data": self.data.state_dict(),
+            "rng": rng_state(),
+            "counters": dict(self.counters),
+        }
+
+    def save(self, name: str, *, validate: bool = True) -> None:
+        if self.env.is_main:
+            save_atomic(self.state(), self.dir / name)
+            prune(self.dir, self.cfg.run.keep_latest)
+            logger.info("Saved %s at step %d", self.dir / name, self.step)
+            if validate and self.cfg.validation and not os.environ.get("SLURM_JOB_ID"):
+                # Under SLURM each checkpoint is validated by a job of its own (python -m spidr).
+                from spidr.validate import validate_all
+
+                validate_all(unwrap(self.model), self.cfg, self.step, self.dir / "validation.jsonl", self.env.device)
+        if self.env.world_size > 1:
+            dist.barrier()
+
+    def resume(self) -> bool:
+        found = newest_loadable(self.dir)
+        if found is None:
+            return False
+        path, state = found
+        model = unwrap(self.model)
+        model.load_state_dict(state["model"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if self.step >= model.cfg.freeze_step:
+            model.freeze_extractor()
+            drop_frozen_group(self.optimizer, self.scheduler)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        self.counters.update(state.get("counters", {}))
+        set_rng_state(state["rng"])
+        logger.info("Resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        return True
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, batch: Any) -> dict[str, float] | None:
+        cfg, env = self.cfg, self.env
+        model = unwrap(self.model)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.optimizer.dtype]
+        waveforms = batch.waveforms.to(env.device, non_blocking=True)
+        attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(env.device)
+        mask_indices = batch.mask_indices.to(env.device)
+        with torch.autocast(env.device.type, dtype=dtype, enabled=cfg.optimizer.mixed_precision):
+            loss, ppl = self.forward(waveforms, mask_indices=mask_indices, attention_mask=attention_mask)
+        local_frames = float(loss.numel())
+        (total_frames,) = all_reduce_sum([local_frames], env)
+        scaled = loss.sum() * env.world_size / max(total_frames, 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(scaled).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_norm)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(scaled.detach()))
+        if env.world_size > 1:
+            (finite_all,) = all_reduce_sum([float(finite)], env)
+            finite = finite_all == env.world_size
+        if not finite:
+            # Nothing moves: no optimiser, scheduler, scaler or EMA update on a non-finite step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.counters["skipped_steps"] += 1
+            logger.warning("Non-finite loss or gradient at step %d: step skipped", self.step + 1)
+            if self.nonfinite_in_a_row >= cfg.run.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient "
+                    f"(run.max_nonfinite_steps = {cfg.run.max_nonfinite_steps}); last good checkpoint in {self.dir}"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        decay = model.update_ema(self.step)
+        if self.step == model.cfg.freeze_step:
+            drop_frozen_group(self.optimizer, self.scheduler)
+        loss_sum, target_ppl, pred_ppl = all_reduce_sum(
+            [float(loss.detach().sum()), float(ppl["target_ppl"]), float(ppl["pred_ppl"])], env
+        )
+        return {
+            "loss": loss_sum / max(total_frames, 1.0),
+            "grad_norm": float(grad_norm),
+            "batch_size": float(waveforms.shape[0]),
+            "target_ppl": target_ppl / env.world_size,
+            "pred_ppl": pred_ppl / env.world_size,
+            "lr": self.scheduler.get_last_lr()[0],
+            "ema_decay": decay,
+        }
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> Path:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.resume()
+        if env.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.encoder_layer_drop > 0,
+            )
+        self.forward = torch.compile(self.model) if cfg.run.compile else self.model
+        max_steps = cfg.optimizer.max_steps
+        if self.step >= max_steps:
+            logger.info("Already at step %d >= optimizer.max_steps = %d: nothing to do", self.step, max_steps)
+            return self.dir / "final.pt"
+        progress = _progress(total=max_steps, initial=self.step, disable=not env.is_main)
+        start = time.perf_counter()
+        while self.step < max_steps:
+            self.data.set_epoch(self.epoch)
+            for batch in self.data.batches():
+                metrics = self.train_step(batch)
+                self.data.check_bad_fraction(self.cfg.run.max_bad_fraction)
+                if metrics is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    if self.step % cfg.run.log_interval == 0 or self.step == 1:
+                        self.log(
+                            {
+                                "step": self.step,
+                                "epoch": self.epoch,
+                                **metrics,
+                                **self.counters,
+                                "bad_files": self.data.bad_files,
+                                "elapsed_s": time.perf_counter() - start,
+                            }
+                        )
+                    if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < max_steps:
+                        self.save(f"step_{self.step}.pt")
+                if self.stop.signal is not None:
+                    logger.warning("Received signal %d: saving and exiting", self.stop.signal)
+                    self.save(f"step_{self.step}.pt", validate=False)
+                    progress.close()
+                    return self.dir / f"step_{self.step}.pt"
+                if self.step >= max_steps:
+                    break
+            else:
+                self.epoch += 1
+        progress.close()
+        self.save("final.pt")
+        return self.dir / "final.pt"
+
+
+def _progress(total: int, initial: int, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m spidr.train",
+        description="Pretrain SpidR or DinoSR from a TOML/JSON config, on the CPU, one GPU or under torchrun.",
+        epilog="Example: python -m spidr.train configs/demo.toml --set optimizer.max_steps=20\n"
+        "Several GPUs: torchrun --nproc-per-node 4 -m spidr.train configs/base_spidr.toml\n"
+        "Re-running the same command resumes from the newest checkpoint in the run directory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="training config (.toml or .json)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a config value, typed by its field (repeatable), e.g. --set optimizer.lr=1e-4",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    args = parser.parse_args(argv)
+    env = setup_distributed(args.device)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.INFO if env.is_main else logging.WARNING),
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = read_config(args.config, args.set)
+        final = Trainer(cfg, env).run()
+        logger.info("Done: %s", final)
+        return 0
+    except (ConfigError, FileNotFoundError, TrainingError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if not isinstance(error, TrainingError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
