@@ -151,6 +151,7 @@ class Trainer:
         self.forward = self.model
         self.stop = StopFlag()
         self.log_path = self.dir / "log.jsonl"
+        self.wandb: Any = None
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -171,13 +172,22 @@ class Trainer:
             save_atomic(self.state(), self.dir / name)
             prune(self.dir, self.cfg.run.keep_latest)
             logger.info("Saved %s at step %d", self.dir / name, self.step)
-            if validate and self.cfg.validation and not os.environ.get("SLURM_JOB_ID"):
-                # Under SLURM each checkpoint is validated by a job of its own (python -m spidr).
-                from spidr.validate import validate_all
-
-                validate_all(unwrap(self.model), self.cfg, self.step, self.dir / "validation.jsonl", self.env.device)
+            if validate and self.cfg.validation:
+                self.validate(self.dir / name)
         if self.env.world_size > 1:
             dist.barrier()
+
+    def validate(self, checkpoint: Path) -> None:
+        """Validate a saved checkpoint: in a SLURM job of its own when running under SLURM with
+        ``run.slurm_validation`` set, here otherwise."""
+        if os.environ.get("SLURM_JOB_ID") and self.cfg.run.slurm_validation is not None:
+            from spidr.slurm import submit_validation
+
+            submit_validation(self.cfg, self.dir / "config.json", checkpoint)
+            return
+        from spidr.validate import validate_all
+
+        validate_all(unwrap(self.model), self.cfg, self.step, self.dir / "validation.jsonl", self.env.device)
 
     def resume(self) -> bool:
         found = newest_loadable(self.dir)
@@ -258,6 +268,27 @@ class Trainer:
         if self.env.is_main:
             with self.log_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(record, step=record["step"])
+
+    def _init_wandb(self) -> Any:
+        """wandb's run when it is installed and run.wandb_mode is not "disabled" (rank 0 only), else None."""
+        if not self.env.is_main or self.cfg.run.wandb_mode == "disabled":
+            return None
+        try:
+            import wandb
+        except ImportError:
+            logger.info("wandb is not installed: logging to %s only", self.log_path)
+            return None
+        return wandb.init(
+            project=self.cfg.run.wandb_project,
+            name=self.cfg.run.wandb_name,
+            mode=self.cfg.run.wandb_mode,
+            dir=str(self.dir),
+            config=config_to_dict(self.cfg),
+            resume="allow",
+            id=self.cfg.run.wandb_name,
+        )
 
     # ----------------------------------------------------------------- the run
     def run(self) -> Path:
@@ -265,6 +296,7 @@ class Trainer:
         if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.wandb = self._init_wandb()
         self.resume()
         if env.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -311,6 +343,8 @@ class Trainer:
                 self.epoch += 1
         progress.close()
         self.save("final.pt")
+        if self.wandb is not None:
+            self.wandb.finish()
         return self.dir / "final.pt"
 
 
