@@ -1,9 +1,8 @@
 // CPU kernels of the codebooks: nearest-codeword assignment and per-codeword segment sums.
 //
-// assign_codes: rows are processed in blocks of kRowBlock; each OpenMP thread multiplies its block
-// by the codebook (one BLAS call, the codebook tile staying in cache), keeps the (block, K)
-// products in a thread-local buffer and reduces them to a running argmin at once, so no (N, K)
-// distance matrix is ever written. segment_sums: each thread accumulates its rows into its own
+// assign_codes: rows are processed in blocks; each block is multiplied by the codebook in one BLAS
+// call (every thread) into a reused (block, K) buffer, which OpenMP threads reduce at once to a
+// running argmin per row, so no (N, K) distance matrix is ever written. segment_sums: each thread accumulates its rows into its own
 // partial (C, K, D) sums, merged at the end: no atomics, deterministic for a given thread count.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -16,8 +15,6 @@
 
 namespace spidr::cpu {
 namespace {
-
-constexpr int64_t kRowBlock = 256;
 
 // Accumulate one row into a partial sum. Cloned for AVX-512 / AVX2 with a run-time CPU check,
 // so the loop is vectorised for the machine it runs on whatever the build flags.
@@ -34,6 +31,21 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sum_partials(f
     const float* src = partials + p * stride;
     for (int64_t i = begin; i < end; ++i) out[i] += src[i];
   }
+}
+
+// argmin_k norms[k] - 2 dots[k], ties to the lowest index (NaN rows give 0). Two vectorisable passes:
+// the distances and their minimum, then the first index that reaches it.
+__attribute__((target_clones("avx512f", "avx2", "default"))) int64_t row_argmin(float* __restrict dots,
+                                                                               const float* __restrict norms,
+                                                                               int64_t K) {
+  float best = std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < K; ++k) dots[k] = norms[k] - 2.0f * dots[k];
+#pragma omp simd reduction(min : best)
+  for (int64_t k = 0; k < K; ++k) best = dots[k] < best ? dots[k] : best;
+  for (int64_t k = 0; k < K; ++k) {
+    if (dots[k] == best) return k;
+  }
+  return 0;
 }
 
 void check_assign_args(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& counts) {
@@ -62,44 +74,26 @@ at::Tensor assign_codes_cpu(const at::Tensor& x_in, const at::Tensor& codebooks,
   const auto codewords = (codebooks.detach() / counts.detach().unsqueeze(-1)).contiguous();
   const auto norms = codewords.square().sum(-1).contiguous();  // (C, K)
   const bool convert = x.scalar_type() != at::kFloat;
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  // A block of rows at a time: one BLAS call (all threads) into a reused (block, K) buffer, then an
+  // OpenMP argmin over the block's rows while it is still in cache.
+  const int64_t block = std::clamp<int64_t>((int64_t{1} << 20) / K, 64, 8192);  // a 4 MiB buffer
+  auto dots = at::empty({block, K}, codewords.options());
+  auto staged = convert ? at::empty({block, D}, codewords.options()) : at::Tensor();
   const float* norms_ptr = norms.data_ptr<float>();
   int64_t* labels_ptr = labels.data_ptr<int64_t>();
-
-  ExceptionCatcher catcher;
-#pragma omp parallel
-  {
-    catcher.run([&] {
-      auto dots = at::empty({kRowBlock, K}, codewords.options());
-      auto staged = convert ? at::empty({kRowBlock, D}, codewords.options()) : at::Tensor();
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < C * blocks; ++task) {
-        const int64_t c = task / blocks, r0 = (task % blocks) * kRowBlock;
-        const int64_t rows = std::min(kRowBlock, N - r0);
-        catcher.run([&] {
-          auto xb = x.select(0, c).narrow(0, r0, rows);
-          if (convert) xb = staged.narrow(0, 0, rows).copy_(xb);
-          auto out = dots.narrow(0, 0, rows);
-          at::mm_out(out, xb, codewords.select(0, c).t());
-          const float* nc = norms_ptr + c * K;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* d = out.data_ptr<float>() + r * K;
-            float best = std::numeric_limits<float>::infinity();
-            int64_t best_k = 0;
-            for (int64_t k = 0; k < K; ++k) {
-              const float v = nc[k] - 2.0f * d[k];
-              if (v < best) {  // strict: ties keep the lowest index
-                best = v;
-                best_k = k;
-              }
-            }
-            labels_ptr[c * N + r0 + r] = best_k;
-          }
-        });
-      }
-    });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t rows = std::min(block, N - r0);
+      auto xb = x.select(0, c).narrow(0, r0, rows);
+      if (convert) xb = staged.narrow(0, 0, rows).copy_(xb);
+      auto out = dots.narrow(0, 0, rows);
+      at::mm_out(out, xb, codewords.select(0, c).t());
+      float* d_ptr = out.data_ptr<float>();
+      const float* nc = norms_ptr + c * K;
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) labels_ptr[c * N + r0 + r] = row_argmin(d_ptr + r * K, nc, K);
+    }
   }
-  catcher.rethrow();
   return labels;
 }
 
