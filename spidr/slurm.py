@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,3 @@ def submit_validation(cfg: Config, config_json: Path, checkpoint: Path) -> str |
     folder = Path(os.environ.get("SPIDR_SUBMITIT_FOLDER", Path(cfg.run.dir) / "submitit"))
     task = ValidateTask(str(config_json), str(checkpoint))
     return submit(task, cfg.run.slurm_validation, folder, f"{cfg.run.wandb_name}-val-{checkpoint.stem}")
-
-
-def describe(slurm: SlurmConfig) -> dict[str, Any]:
-    return asdict(slurm)

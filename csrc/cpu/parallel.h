@@ -1,10 +1,7 @@
-// Helpers for OpenMP regions that call ATen: exceptions must not escape a parallel region.
+// Shared helpers of the CPU kernels: OpenMP thread queries and argument checks.
 #pragma once
 
 #include <ATen/ATen.h>
-
-#include <exception>
-#include <mutex>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,27 +32,6 @@ inline int thread_id() {
   return 0;
 #endif
 }
-
-// Keeps the first exception thrown inside a parallel region and rethrows it after the region.
-class ExceptionCatcher {
- public:
-  template <typename F>
-  void run(F&& f) noexcept {
-    try {
-      f();
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
-    }
-  }
-  void rethrow() const {
-    if (error_) std::rethrow_exception(error_);
-  }
-
- private:
-  std::mutex mutex_;
-  std::exception_ptr error_;
-};
 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ||

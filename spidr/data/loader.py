@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -163,6 +162,3 @@ class TrainingData:
                 f"{self.bad_files} of {self.files_read} audio files read were unreadable, more than "
                 f"run.max_bad_fraction = {limit}; see the warnings above for their paths and reasons"
             )
-
-    def describe(self) -> dict[str, Any]:
-        return {"files": len(self.entries), "batches_per_epoch": len(self.sampler)}
