@@ -185,14 +185,20 @@ class DinoSR(nn.Module):
     def _features(self, waveforms: Tensor) -> Tensor:
         return self.feature_projection(self.feature_extractor(waveforms))
 
-    def get_intermediate_outputs(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> list[Tensor]:
+    def get_intermediate_outputs(
+        self, waveforms: Tensor, *, attention_mask: Tensor | None = None, num_layers: int | None = None
+    ) -> list[Tensor]:
         """The student's per-layer outputs before the residual, each (batch, frames, dim).
 
+        ``num_layers`` stops after that many layers (the outputs of the first ``num_layers`` layers are
+        the same as without it; the later layers are not computed).
+
         Raises:
-            TypeError, ValueError: waveforms not (batch, samples) float, too short, or a mismatched mask.
+            TypeError, ValueError: waveforms not (batch, samples) float, too short, a mismatched mask, or
+                ``num_layers`` outside [1, number of layers].
         """
         self._check_inputs(waveforms, attention_mask)
-        return self.student.get_intermediate_outputs(self._features(waveforms), attention_mask)
+        return self.student.get_intermediate_outputs(self._features(waveforms), attention_mask, num_layers)
 
     def _head_inputs(self, x: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """What each head reads, per head (batch, frames, dim): here the student's final output for all."""
@@ -211,6 +217,16 @@ class DinoSR(nn.Module):
         for head, y in zip(self.heads, inputs, strict=True):
             probs = head(y).float().exp().squeeze()
             result.append(F.one_hot(probs.argmax(-1), probs.shape[-1]) if onehot else probs)
+        return result
+
+    def get_units(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> list[Tensor | None]:
+        """Per layer: None for the first ``num_layers - num_codebooks`` layers, then each head's argmax
+        over its codewords, int64 (batch, frames): the indices of ``get_codebooks(onehot=True)``, without
+        building the one-hot (ties to the lowest index, as ``argmax``)."""
+        self._check_inputs(waveforms, attention_mask)
+        inputs = self._head_inputs(self._features(waveforms), attention_mask)
+        result: list[Tensor | None] = [None] * (len(self.student.layers) - self.num_codebooks)
+        result += [head(y).argmax(-1) for head, y in zip(self.heads, inputs, strict=True)]
         return result
 
     # ----------------------------------------------------------------- training forward
