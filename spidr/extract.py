@@ -266,19 +266,42 @@ class Extractor:
             mask = (torch.arange(total) < torch.tensor(frames).unsqueeze(1)).view(len(lengths), 1, 1, total)
             mask = mask.to(self.device)
         use_autocast = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
-            per_layer = self._run(batch, mask)
+        extractor = self.model.feature_extractor
+        previous, extractor.gemm_on_cpu = extractor.gemm_on_cpu, True
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
+                per_layer = self._run(batch, mask, lengths, frames)
+        finally:
+            extractor.gemm_on_cpu = previous
         out = []
         for row, count in enumerate(frames):
             out.append({layer: values[row, :count] for layer, values in per_layer.items()})
         return out
 
-    def _run(self, batch: Tensor, mask: Tensor | None) -> dict[int, Tensor]:
+    def _features(self, batch: Tensor, lengths: list[int], frames: list[int]) -> Tensor:
+        """The projected conv features (batch, frames, dim). The conv extractor is local (layer-norm mode), so
+        on the CPU each row runs alone on its own samples: the batched convolution's (batch, 512, samples / 5)
+        activations fall out of cache and run several times slower; on a GPU the padded batch runs at once.
+        On the CPU the convolutions run as GEMMs over their windows (``FeatureExtractor.gemm_on_cpu``), about
+        twice as fast as the convolution kernels, equal up to float rounding (1e-5)."""
         model = self.model
+        if self.device.type != "cpu" or len(lengths) == 1 or not self.local_extractor:
+            return model._features(batch)
+        rows = [model._features(batch[row : row + 1, :n]) for row, n in enumerate(lengths)]
+        out = rows[0].new_zeros(len(rows), max(frames), rows[0].shape[-1])
+        for row, values in enumerate(rows):
+            out[row, : values.shape[1]] = values[0]
+        return out
+
+    def _run(self, batch: Tensor, mask: Tensor | None, lengths: list[int], frames: list[int]) -> dict[int, Tensor]:
+        model = self.model
+        model._check_inputs(batch, mask)
+        x = self._features(batch, lengths, frames)
         if self.units == "codebook":
-            units = model.get_units(batch, attention_mask=mask)
-            return {layer: units[layer - 1] for layer in self.layers}
-        outputs = model.get_intermediate_outputs(batch, attention_mask=mask, num_layers=max(self.layers))
+            inputs = model._head_inputs(x, mask)
+            first = self.num_layers - len(inputs) + 1
+            return {layer: model.heads[layer - first](inputs[layer - first]).argmax(-1) for layer in self.layers}
+        outputs = model.student.get_intermediate_outputs(x, mask, max(self.layers))
         if self.units is None:
             return {layer: outputs[layer - 1].to(self.dtype) for layer in self.layers}
         from spidr import ops

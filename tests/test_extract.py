@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -347,3 +348,29 @@ def test_full_output_disk_stops_with_a_clear_error(tmp_path, model_dir):
         assert not list((disk / "out").rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_kmeans_units_are_the_nearest_centroid_of_the_layer(tmp_path, model_dir, model):
+    from spidr.kmeans import fit_kmeans, save_kmeans
+
+    features = tmp_path / "features"
+    extract(SPEECH, features, model="small", loaded_model=model, layers="3", progress=False)
+    frames = torch.cat([torch.load(p, weights_only=True)["features"][3] for p in sorted(features.rglob("*.pt"))])
+    km = dataclasses.replace(fit_kmeans(frames, 8, iters=5, seed=0), layer=3)
+    save_kmeans(km, tmp_path / "km.pt")
+    result = run_cli(
+        str(SPEECH),
+        str(tmp_path / "units"),
+        "--model",
+        str(model_dir / "model.pt"),
+        "--units",
+        f"kmeans:{tmp_path / 'km.pt'}",
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    for wav in WAVS[:3]:
+        record = torch.load(tmp_path / "units" / wav.relative_to(SPEECH).with_suffix(".pt"), weights_only=True)
+        assert record["layers"] == [3] and record["num_units"] == {3: 8}
+        expected = torch.cdist(per_file(model, wav, 3), km.centroids).argmin(-1)
+        assert record["units"][3].dtype == torch.int16
+        assert (record["units"][3].long() == expected).float().mean() > 0.99  # near-ties may differ in rounding

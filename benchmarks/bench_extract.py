@@ -1,0 +1,132 @@
+"""Extraction: the batched ``spidr.extract`` path against a per-file loop, side by side in one process.
+
+    python benchmarks/bench_extract.py               # base-size SpidR, layer 6 of the committed speech
+    python benchmarks/bench_extract.py --quick       # the small test model (a smoke run)
+
+Task: layer-6 features of the ten committed utterances (tests/data/speech, 34 s of espeak-ng speech),
+written as one ``.pt`` per file. The model is the base-size SpidR with random weights (the published
+checkpoint is not downloaded here; the compute is the same). Rows:
+
+- ``per-file``: the loop a user writes with the release's API (reference row): for each file, load and
+  standardise the waveform, ``get_intermediate_outputs`` (every layer), keep layer 6, ``torch.save``;
+- ``per-file, stop at layer``: the same loop with our ``num_layers=6`` (no batching);
+- ``spidr.extract``: the CLI's code path (``spidr.extract.extract``): files sorted by length, batched by
+  ``--batch-seconds`` with attention masks, layers computed up to 6, audio decoded in a background thread,
+  atomic writes, index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import Suite, machine_line, measure
+from spidr.config import SpidRConfig
+from spidr.data.audio import load_audio
+from spidr.extract import extract
+from spidr.models import SpidR
+
+SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech"
+
+
+def _model(quick: bool) -> tuple[SpidR, int]:
+    torch.manual_seed(0)
+    if quick:
+        cfg = SpidRConfig(
+            extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+            encoder_embed_dim=64,
+            encoder_num_layers=4,
+            encoder_num_heads=4,
+            encoder_ff_interm_features=128,
+            codebook_size=16,
+            num_codebooks=2,
+        )
+        return SpidR(cfg).eval(), 2
+    return SpidR(SpidRConfig()).eval(), 6
+
+
+def run_suite(*, repeats: int = 5, quick: bool = False, device: str = "cpu", batch_seconds: float = 120.0) -> Suite:
+    """Time the three ways of extracting one layer of the committed speech; see the module docstring."""
+    model, layer = _model(quick)
+    model = model.to(device)
+    files = sorted(SPEECH.glob("*/*.wav"))
+    seconds = sum(load_audio(f).shape[0] for f in files) / 16000
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    repeats = 1 if quick else repeats
+
+    def per_file(stop: bool) -> None:
+        out = work / ("stop" if stop else "loop")
+        for f in files:
+            wav = load_audio(f, normalize=True).to(device)
+            with torch.inference_mode():
+                if stop:
+                    feats = model.get_intermediate_outputs(wav[None], num_layers=layer)[layer - 1][0]
+                else:
+                    feats = model.get_intermediate_outputs(wav[None])[layer - 1][0]
+            target = out / f.relative_to(SPEECH).with_suffix(".pt")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"features": {layer: feats.cpu()}}, target)
+
+    def batched() -> None:
+        extract(
+            SPEECH,
+            work / "cli",
+            model="bench",
+            loaded_model=model,
+            layers=str(layer),
+            device=device,
+            batch_seconds=batch_seconds,
+            overwrite=True,
+            progress=False,
+        )
+
+    try:
+        rows = [
+            measure("per-file", lambda: per_file(False), repeats=repeats, device=device),
+            measure("per-file, stop at layer", lambda: per_file(True), repeats=repeats, device=device),
+            measure("spidr.extract", batched, repeats=repeats, device=device),
+        ]
+        for path in (work / "loop").rglob("*.pt"):  # same numbers from both paths
+            other = torch.load(work / "cli" / path.relative_to(work / "loop"), weights_only=True)
+            mine = torch.load(path, weights_only=True)
+            torch.testing.assert_close(other["features"][layer], mine["features"][layer], atol=1e-4, rtol=0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for row in rows:
+        row.extra["x real time"] = round(seconds / row.median_s, 1)
+    size = "small test model" if quick else "base-size SpidR (random weights)"
+    return Suite(
+        name="extract",
+        title=f"Extraction of layer {layer}, {len(files)} files ({seconds:.1f} s of speech), {size}, {device}",
+        rows=rows,
+        reference="per-file",
+        notes=[f"spidr.extract with --batch-seconds {batch_seconds:g}; outputs of both paths checked equal (1e-4)."],
+    ).finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small test model, one run (smoke test)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument("--json", type=Path, help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    suite = run_suite(repeats=args.repeats, quick=args.quick, device=args.device, batch_seconds=args.batch_seconds)
+    print(machine_line())
+    print()
+    print(suite.markdown())
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_line(), "suites": [suite.to_dict()]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
