@@ -65,13 +65,24 @@ class ConvBlock(nn.Module):
         (kernel,), (stride,) = conv.kernel_size, conv.stride
         batch, frames, channels = x.shape
         out_frames = (frames - kernel) // stride + 1
-        if kernel == stride:  # disjoint windows: a view of x, in (kernel, channels) order
-            windows = x[:, : out_frames * stride].reshape(batch, out_frames, kernel * channels)
+        if kernel == stride or channels == 1:  # windows as one (frames, kernel * channels) matrix
+            if kernel == stride:  # disjoint: a view of x, in (kernel, channels) order
+                windows = x[:, : out_frames * stride].reshape(batch, out_frames, kernel * channels)
+            else:  # one channel: a small copy of the waveform's windows
+                windows = x.unfold(1, kernel, stride).reshape(batch, out_frames, channels * kernel)
             weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, kernel * channels)
-        else:  # overlapping windows, in (channels, kernel) order: the conv weight's own layout
-            windows = x.unfold(1, kernel, stride).reshape(batch, out_frames, channels * kernel)
-            weight = conv.weight.reshape(conv.out_channels, channels * kernel)
-        y = F.linear(windows, weight, conv.bias)
+            y = F.linear(windows, weight, conv.bias)
+        else:  # overlapping windows: one GEMM per tap on a strided view of x (no window copy)
+            span = (out_frames - 1) * stride + 1
+            taps = [conv.weight[:, :, j].t() for j in range(kernel)]
+            y = torch.matmul(x[:, 0:span:stride], taps[0])
+            for j in range(1, kernel):
+                if batch == 1 and not torch.is_grad_enabled():
+                    y[0].addmm_(x[0, j : j + span : stride], taps[j])
+                else:
+                    y = y + torch.matmul(x[:, j : j + span : stride], taps[j])
+            if conv.bias is not None:
+                y = y + conv.bias
         norm = self.layer_norm
         if isinstance(norm, nn.LayerNorm):
             y = F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
