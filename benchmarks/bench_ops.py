@@ -11,10 +11,11 @@ Rows per operation:
 - one row per compiled or Triton backend usable on the device;
 - ``floor``: the float32 GEMMs the operation cannot avoid, into preallocated outputs (assignment:
   x @ c^T per codebook; loss: logits, grad_h and grad_weight GEMMs per head).
-Times are the median of ``--repeats`` runs after a warm-up, with the spread (min-max); ``vs torch``
-and ``vs floor`` are ratios of medians. Peak memory is the growth of the peak resident set during one
-run (CPU: in a fresh subprocess per row, after a warm-up run, from /proc) or the CUDA peak allocation
-during one run, beyond what was allocated before it: the op's working memory, gradients included.
+Times are the median of ``--repeats`` runs after a warm-up, with the spread (min-max); ``ratio`` (vs
+``torch``, the reference row) and ``vs floor`` are ratios of medians. Peak memory is the growth of the peak
+resident set during one run (CPU: in a fresh subprocess per row, after a warm-up run, from /proc) or the CUDA
+peak allocation during one run, beyond what was allocated before it: the op's working memory, gradients
+included. ``python -m benchmarks --only ops`` runs the same two tables through :func:`run_suite`.
 """
 
 from __future__ import annotations
@@ -22,61 +23,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import spidr.ops as ops
+from benchmarks.harness import Row, Suite, machine_line, time_it
 
-
-@dataclass
-class Row:
-    op: str
-    name: str
-    median_s: float
-    min_s: float
-    max_s: float
-    peak_mb: float | None = None
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{cpu}, {torch.get_num_threads()} threads", f"torch {torch.__version__}"]
-    if torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name())
-    return "; ".join(parts)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times)
+FULL_SHAPE = (8, 9500, 768, 256)  # C, N, D, K: one 3.8 M-sample batch
+QUICK_SHAPE = (2, 500, 64, 32)
+OPS = ("assign+update", "loss fwd+bwd")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -202,9 +164,9 @@ def workloads(inp: dict, device: str) -> list[tuple[str, str, Callable[[], objec
 
 
 # ----------------------------------------------------------------------------- memory
-def cpu_peak_mb(args: argparse.Namespace, op: str, name: str) -> float:
+def cpu_peak_mb(op: str, name: str, shape: Sequence[int]) -> float:
     """Peak RSS growth of one run of the row, in a fresh process (so earlier rows do not count)."""
-    cmd = [sys.executable, __file__, "--measure", f"{op}|{name}", "--shape", *map(str, args.shape)]
+    cmd = [sys.executable, __file__, "--measure", f"{op}|{name}", "--shape", *map(str, shape)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -216,9 +178,10 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_one(args: argparse.Namespace) -> None:
-    op, name = args.measure.split("|")
-    inp = make_inputs(*args.shape, device="cpu")
+def measure_one(row: str, shape: Sequence[int]) -> None:
+    """Print the peak RSS growth (MB) of one run of ``row`` ("op|name"): the subprocess of :func:`cpu_peak_mb`."""
+    op, name = row.split("|")
+    inp = make_inputs(*shape, device="cpu")
     fn = next(f for o, n, f in workloads(inp, "cpu") if o == op and n == name)
     fn()  # warm-up: one-time allocations (extension, thread pools) are not the op's
     getattr(fn, "reset", lambda: None)()  # drop the warm-up's gradients: the measured run allocates them
@@ -239,30 +202,14 @@ def cuda_peak_mb(fn: Callable[[], object]) -> float:
 
 
 # ----------------------------------------------------------------------------- report
-def table(rows: list[Row], title: str) -> str:
-    header = "| op | backend | median ms | spread ms | vs torch | vs floor | peak MB |"
-    lines = [f"### {title}", "", header, "|---|---|---|---|---|---|---|"]
-    for op in dict.fromkeys(r.op for r in rows):
-        group = [r for r in rows if r.op == op]
-        ref = next(r for r in group if r.name == "torch").median_s
-        floor = next(r for r in group if r.name == "floor").median_s
-        for r in group:
-            peak = "" if r.peak_mb is None else f"{r.peak_mb:.0f}"
-            lines.append(
-                f"| {op} | {r.name} | {1e3 * r.median_s:.1f} | {1e3 * r.min_s:.1f}-{1e3 * r.max_s:.1f} | "
-                f"{r.median_s / ref:.2f} | {r.median_s / floor:.2f} | {peak} |"
-            )
-    return "\n".join(lines)
-
-
-def roofline(inp: dict, device: str, c: int, n: int, d: int, k: int, rows: list[Row]) -> str:
+def roofline(device: str, c: int, n: int, d: int, k: int, rows: list[tuple[str, Row]]) -> str:
     """Measured GEMM rate and copy bandwidth of this device, and what the floors reach."""
     big = torch.empty(64 * 2**20 // 4, device=device)
     other = torch.empty_like(big)
-    copy_s, _, _ = timed(lambda: other.copy_(big), device, 5)
+    copy_s, _, _ = time_it(lambda: other.copy_(big), repeats=5, device=device)
     bandwidth = 2 * big.numel() * 4 / copy_s / 1e9
-    floor_assign_s = next(r.median_s for r in rows if r.op == "assign+update" and r.name == "floor")
-    floor_loss_s = next(r.median_s for r in rows if r.op == "loss fwd+bwd" and r.name == "floor")
+    floor_assign_s = next(r.median_s for op, r in rows if op == "assign+update" and r.name == "floor")
+    floor_loss_s = next(r.median_s for op, r in rows if op == "loss fwd+bwd" and r.name == "floor")
     assign_flops = 2 * c * n * d * k
     return (
         f"Measured on this device: copy bandwidth {bandwidth:.0f} GB/s; float32 GEMM rate "
@@ -271,38 +218,105 @@ def roofline(inp: dict, device: str, c: int, n: int, d: int, k: int, rows: list[
     )
 
 
-def main() -> None:
+def run_suite(
+    *,
+    repeats: int = 5,
+    quick: bool = False,
+    device: str = "cpu",
+    shape: Sequence[int] | None = None,
+    memory: bool | None = None,
+) -> list[Suite]:
+    """Time every row of both operations; two tables (assign+update, loss fwd+bwd), reference row ``torch``.
+
+    Args:
+        repeats: timed runs per row after one warm-up.
+        quick: small shapes (:data:`QUICK_SHAPE`), a smoke run.
+        device: ``"cpu"`` or ``"cuda"``.
+        shape: (C, N, D, K), overriding the default of ``quick``.
+        memory: measure each row's peak memory (default: unless ``quick``; on the CPU it costs a subprocess
+            per row).
+
+    Each row's ``extra`` holds ``vs floor`` (median / the floor row's median) and ``peak MB``.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    c, n, d, k = shape or (QUICK_SHAPE if quick else FULL_SHAPE)
+    memory = not quick if memory is None else memory
+    inp = make_inputs(c, n, d, k, device)
+    rows: list[tuple[str, Row]] = []
+    for op, name, fn in workloads(inp, device):
+        median, low, high = time_it(fn, repeats=repeats, device=device)
+        row = Row(name=name, median_s=median, min_s=low, max_s=high, runs=max(1, repeats))
+        if memory:
+            peak = cuda_peak_mb(fn) if device == "cuda" else cpu_peak_mb(op, name, (c, n, d, k))
+            row.extra["peak MB"] = round(peak, 1)
+        rows.append((op, row))
+    note = roofline(device, c, n, d, k, rows)
+    suites = []
+    for op in OPS:
+        group = [r for o, r in rows if o == op]
+        floor = next(r.median_s for r in group if r.name == "floor")
+        for r in group:
+            r.extra = {"vs floor": round(r.median_s / floor, 2), **r.extra}
+        what = "assignment + EMA update" if op == "assign+update" else "masked-prediction loss, forward + backward"
+        notes = [
+            f"C={c} N={n} D={d} K={k}, float32, {device}. Median of {repeats} runs after a warm-up. `release`: the "
+            "release's formulation rewritten from SPEC 1.5/1.6; `floor`: the float32 GEMMs the operation cannot "
+            "avoid, into preallocated outputs."
+            + ("" if memory else " Peak memory not measured (--quick or --no-memory).")
+        ]
+        if op == OPS[-1]:
+            notes.append(note)
+        suites.append(
+            Suite(
+                name=f"ops/{op}",
+                title=f"spidr.ops {what}, C={c} N={n} D={d} K={k}, {device}",
+                rows=group,
+                reference="torch",
+                notes=notes,
+            ).finish()
+        )
+    return suites
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", type=int, nargs=4, default=[8, 9500, 768, 256], metavar=("C", "N", "D", "K"))
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        default=list(FULL_SHAPE),
+        metavar=("C", "N", "D", "K"),
+        help="default 8 9500 768 256",
+    )
+    parser.add_argument("--quick", action="store_true", help="small shapes (2 500 64 32), 2 repeats, no memory")
+    parser.add_argument("--repeats", type=int, help="timed runs per row after a warm-up (default 5; 2 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the tables as JSON to OUT")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.shape, args.repeats = [2, 500, 64, 32], 2
+        args.shape = list(QUICK_SHAPE)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     if args.measure:
-        measure_one(args)
+        measure_one(args.measure, args.shape)
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here")
-    c, n, d, k = args.shape
-    inp = make_inputs(c, n, d, k, args.device)
-    rows = []
-    for op, name, fn in workloads(inp, args.device):
-        median, low, high = timed(fn, args.device, args.repeats)
-        peak = None
-        if not args.no_memory:
-            peak = cuda_peak_mb(fn) if args.device == "cuda" else cpu_peak_mb(args, op, name)
-        rows.append(Row(op, name, median, low, high, peak))
-    title = f"C={c} N={n} D={d} K={k}, {args.device}: {machine()}"
-    print(table(rows, title))
-    print()
-    print(roofline(inp, args.device, c, n, d, k, rows))
+    suites = run_suite(
+        repeats=args.repeats,
+        quick=args.quick,
+        device=args.device,
+        shape=args.shape,
+        memory=False if args.no_memory or args.quick else None,
+    )
+    print(machine_line())
+    for suite in suites:
+        print()
+        print(suite.markdown())
     if args.json:
-        args.json.write_text(json.dumps({"title": title, "rows": [asdict(r) for r in rows]}, indent=2))
+        payload = {"machine": machine_line(), "suites": [suite.to_dict() for suite in suites]}
+        args.json.write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

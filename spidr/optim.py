@@ -60,7 +60,15 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> tuple[torch.optim
     groups = [{"params": main}]
     if frozen_later:
         groups.append({"params": frozen_later})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    # The fused AdamW (one kernel over all tensors) when every parameter allows it, as the release does: 3-4x
+    # faster than the default per-tensor loop on the CPU, and faster than foreach on CUDA.
+    params = main + frozen_later
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True if fused else None
+    )
     scheduler = LambdaLR(optimizer, [lr_lambda(cfg)] * len(groups))
     return optimizer, scheduler
 
