@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -151,6 +153,11 @@ def _check_model_config(cfg: DinoSRConfig) -> None:
     for name in ("ema_final_step", "freeze_step"):
         if getattr(cfg, name) < 0:
             fail(name, "a non-negative integer")
+    if isinstance(cfg, SpidRConfig):
+        if not cfg.ema_timescale > 0:  # also refuses NaN
+            fail("ema_timescale", "a positive number")
+        if not cfg.ema_threshold >= 0:
+            fail("ema_threshold", "a non-negative number")
 
 
 T = TypeVar("T")
@@ -209,6 +216,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise bad()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML and JSON both read nan and inf
+                raise ConfigError(f"{where} = {value!r} is invalid: expected a finite number")
             return float(value)
         raise bad()
     if tp is str:
@@ -240,6 +249,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise bad()
 
 
+_TABLE_OF = {
+    "RunConfig": "run",
+    "DataConfig": "data",
+    "OptimizerConfig": "optimizer",
+    "MaskingConfig": "masking",
+    "DinoSRConfig": "model",
+    "SpidRConfig": "model",
+}
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     """Build the frozen dataclass ``cls`` from ``data``, strictly.
 
@@ -268,7 +287,15 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T
             kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {prefix}{name} in {cls.__name__}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        # The range checks name their keys by the class's usual table ("data.min_sample_size"); a
+        # validation table or a config.json names them by where they were read.
+        table = _TABLE_OF.get(cls.__name__)
+        if not where or table is None or where == table:
+            raise
+        raise ConfigError(re.sub(rf"\b{table}\.(?=\w)", f"{where}.", str(error))) from None
 
 
 # --------------------------------------------------------------------------- training configuration
@@ -278,6 +305,9 @@ MaskingStrategy = Literal["static", "uniform", "normal", "poisson"]
 def _require(ok: bool, where: str, value: object, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{where} = {value!r} is invalid: expected {expected}")
+
+
+_MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1]
 
 
 @dataclass(frozen=True)
@@ -312,10 +342,13 @@ class RunConfig:
     keep_latest: int = -1
     model_type: ModelType = "dinosr"
     slurm_validation: SlurmConfig | None = None
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of the files read is unreadable
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of the files read is bad (see data.loader)
     max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
+        _require(
+            0 <= self.random_seed <= _MAX_SEED, "run.random_seed", self.random_seed, f"an integer in [0, {_MAX_SEED}]"
+        )
         _require(self.log_interval > 0, "run.log_interval", self.log_interval, "a positive integer")
         _require(self.save_interval >= 0, "run.save_interval", self.save_interval, "a non-negative integer")
         _require(self.keep_latest >= -1, "run.keep_latest", self.keep_latest, "-1 (keep all) or a count >= 0")
@@ -362,6 +395,10 @@ class DataConfig:
             f"at most data.max_sample_size ({self.max_sample_size})",
         )
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "a non-negative integer")
+        _require(self.prefetch_factor > 0, "data.prefetch_factor", self.prefetch_factor, "a positive integer")
+        _require(
+            0 <= self.random_seed <= _MAX_SEED, "data.random_seed", self.random_seed, f"an integer in [0, {_MAX_SEED}]"
+        )
 
 
 @dataclass(frozen=True)
@@ -421,6 +458,14 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.mask_prob <= 1, "masking.mask_prob", self.mask_prob, "a number in [0, 1]")
         _require(self.mask_length >= 1, "masking.mask_length", self.mask_length, "a positive integer")
+        _require(self.mask_other >= 0, "masking.mask_other", self.mask_other, "a non-negative number")
+        if self.mask_selection == "uniform":
+            _require(
+                int(self.mask_other) <= 2 * self.mask_length,
+                "masking.mask_other",
+                self.mask_other,
+                f"at most 2 * masking.mask_length ({2 * self.mask_length}) with mask_selection = 'uniform'",
+            )
         _require(self.mask_min_space >= 0, "masking.mask_min_space", self.mask_min_space, "a non-negative integer")
         _require(
             0 <= self.mask_channel_prob <= 1, "masking.mask_channel_prob", self.mask_channel_prob, "a number in [0, 1]"
@@ -437,6 +482,20 @@ class Config:
     optimizer: OptimizerConfig
     masking: MaskingConfig
     validation: dict[str, DataConfig]
+
+    def __post_init__(self) -> None:
+        from spidr.models.components import receptive_field  # spidr.models imports this module
+
+        needed = receptive_field(self.model.extractor_conv_layer_config)
+        tables = [("data", self.data), *((f"validation.{name}", table) for name, table in self.validation.items())]
+        for where, table in tables:
+            for name in ("min_sample_size", "max_sample_size"):
+                _require(
+                    getattr(table, name) >= needed,
+                    f"{where}.{name}",
+                    getattr(table, name),
+                    f"at least the model's receptive field ({needed} samples, from model.extractor_conv_layer_config)",
+                )
 
 
 _TABLES = ("run", "data", "model", "optimizer", "masking", "validation")
@@ -478,7 +537,12 @@ def read_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix not in (".toml", ".json"):
         raise ConfigError(f"{path}: unsupported config format {path.suffix!r}, use .toml or .json")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte 0x{data[error.start]:02x})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:

@@ -5,6 +5,11 @@ DistributedDataParallel (nccl on CUDA, gloo on the CPU). The run lives in ``run.
 wandb_project/wandb_name``: ``config.json``, ``step_N.pt`` checkpoints, ``final.pt``, ``log.jsonl``.
 Running the same command again resumes from the newest complete checkpoint, mid-epoch, exactly.
 SIGTERM or SIGUSR1 saves a checkpoint and exits cleanly.
+
+Exit codes: 0 done (or stopped by a signal after saving); 1 training could not go on (too many bad
+files or non-finite steps, a checkpoint that could not be written); 2 bad input refused before
+training started (config, manifest, checkpoint). Errors are one line on stderr (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spidr.checkpoint import newest_loadable, prune, save_atomic
+from spidr.checkpoint import CheckpointSaveError, newest_loadable, prune, remove_temporaries, save_atomic
 from spidr.config import Config, ConfigError, config_to_dict, read_config
-from spidr.models import DinoSR, build_model
+from spidr.models import CheckpointError, DinoSR, build_model
+from spidr.models.pretrained import load_state_dict_checked
 from spidr.optim import build_optimizer, drop_frozen_group
 
 logger = logging.getLogger("spidr.train")
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+
+# What a training checkpoint holds besides the model (see Trainer.state).
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "data", "rng")
 
 
 class TrainingError(RuntimeError):
@@ -131,6 +141,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: Env) -> None:
         from spidr.data.loader import TrainingData  # data dependencies (polars, torchcodec) only when training
+        from spidr.data.manifests import read_manifest
 
         self.cfg, self.env = cfg, env
         self.dir = Path(cfg.run.dir)
@@ -144,7 +155,16 @@ class Trainer:
         self.model = model.to(env.device).train()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.optimizer.dtype == "float16")
-        self.data = TrainingData(cfg.data, cfg.masking, cfg.model, rank=env.rank, world_size=env.world_size)
+        self.data = TrainingData(
+            cfg.data,
+            cfg.masking,
+            cfg.model,
+            rank=env.rank,
+            world_size=env.world_size,
+            max_bad_fraction=cfg.run.max_bad_fraction,
+        )
+        for table in cfg.validation.values():  # a bad validation manifest is refused now, not at the first save
+            read_manifest(table.manifest)
         self.step, self.epoch = 0, 0
         self.nonfinite_in_a_row = 0
         self.counters = {"skipped_steps": 0}
@@ -165,12 +185,13 @@ class Trainer:
             "data": self.data.state_dict(),
             "rng": rng_state(),
             "counters": dict(self.counters),
+            "model_type": self.cfg.run.model_type,
         }
 
     def save(self, name: str, *, validate: bool = True) -> None:
         if self.env.is_main:
             save_atomic(self.state(), self.dir / name)
-            prune(self.dir, self.cfg.run.keep_latest)
+            prune(self.dir, self.cfg.run.keep_latest, keep=self.dir / name)
             logger.info("Saved %s at step %d", self.dir / name, self.step)
             if validate and self.cfg.validation:
                 self.validate(self.dir / name)
@@ -190,12 +211,36 @@ class Trainer:
         validate_all(unwrap(self.model), self.cfg, self.step, self.dir / "validation.jsonl", self.env.device)
 
     def resume(self) -> bool:
+        """Load the newest complete checkpoint of the run directory, if any.
+
+        The temporary files of saves that were interrupted (SIGKILL, a node failure) are removed first.
+
+        Raises:
+            CheckpointError: the newest checkpoint is unreadable or cannot be loaded safely (the message names the
+                one a restart falls back to once it is moved away), is not a training checkpoint, or does not fit
+                this config (another model type or size: the first mismatches are listed). Nothing is changed.
+        """
+        if self.env.is_main:
+            for path in remove_temporaries(self.dir):
+                logger.warning("Removed %s, left by a save that was interrupted", path)
         found = newest_loadable(self.dir)
         if found is None:
             return False
         path, state = found
+        if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
+            present = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(
+                f"{path} is not a training checkpoint of spidr.train (expected the entries "
+                f"{', '.join(TRAINING_STATE_KEYS)}; found {present}); move it out of {self.dir} to start afresh"
+            )
+        stated = state.get("model_type", self.cfg.run.model_type)
+        if stated != self.cfg.run.model_type:
+            raise CheckpointError(
+                f"{path} holds a {stated!r} model, but run.model_type = {self.cfg.run.model_type!r}; use another "
+                "run.wandb_name for a new run"
+            )
         model = unwrap(self.model)
-        model.load_state_dict(state["model"])
+        load_state_dict_checked(model, state["model"], str(path))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         if self.step >= model.cfg.freeze_step:
             model.freeze_extractor()
@@ -214,6 +259,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         model = unwrap(self.model)
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.optimizer.dtype]
+        # The forward pass updates the codebooks (SPEC 1.5): keep them to undo that on a non-finite step.
+        codebooks = [buffer.detach().clone() for buffer in model.codebooks.buffers()]
         waveforms = batch.waveforms.to(env.device, non_blocking=True)
         attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(env.device)
         mask_indices = batch.mask_indices.to(env.device)
@@ -232,8 +279,15 @@ class Trainer:
             (finite_all,) = all_reduce_sum([float(finite)], env)
             finite = finite_all == env.world_size
         if not finite:
-            # Nothing moves: no optimiser, scheduler, scaler or EMA update on a non-finite step.
+            # Nothing moves: no optimiser, scheduler or EMA update, and the codebooks are restored. A float16
+            # GradScaler still gets its update(), which lowers its scale after an overflow, as it must, and
+            # which the next step's unscale_() needs.
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(model.codebooks.buffers(), codebooks, strict=True):
+                    buffer.copy_(saved)
+            if self.scaler.is_enabled():
+                self.scaler.update()
             self.nonfinite_in_a_row += 1
             self.counters["skipped_steps"] += 1
             logger.warning("Non-finite loss or gradient at step %d: step skipped", self.step + 1)
@@ -290,33 +344,35 @@ class Trainer:
             id=self.cfg.run.wandb_name,
         )
 
-    # ----------------------------------------------------------------- the run
-    def run(self) -> Path:
-        cfg, env = self.cfg, self.env
-        if env.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        self.wandb = self._init_wandb()
-        self.resume()
-        if env.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.encoder_layer_drop > 0,
-            )
-        self.forward = torch.compile(self.model) if cfg.run.compile else self.model
-        max_steps = cfg.optimizer.max_steps
-        if self.step >= max_steps:
-            logger.info("Already at step %d >= optimizer.max_steps = %d: nothing to do", self.step, max_steps)
-            return self.dir / "final.pt"
-        progress = _progress(total=max_steps, initial=self.step, disable=not env.is_main)
+    def _log_skipped_step(self) -> None:
+        self.log(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "event": "nonfinite_step_skipped",
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                **self.counters,
+            }
+        )
+
+    def _train(self, progress: Any) -> bool:
+        """Train up to ``optimizer.max_steps``; True when stopped early by a signal."""
+        cfg, max_steps = self.cfg, self.cfg.optimizer.max_steps
         start = time.perf_counter()
         while self.step < max_steps:
             self.data.set_epoch(self.epoch)
+            started_at, yielded = self.data.position, False
             for batch in self.data.batches():
-                metrics = self.train_step(batch)
-                self.data.check_bad_fraction(self.cfg.run.max_bad_fraction)
-                if metrics is not None:
+                yielded = True
+                try:
+                    metrics = self.train_step(batch)
+                except TrainingError:  # too many non-finite steps: the state is still the last good one, keep it
+                    self._log_skipped_step()
+                    self.save(f"step_{self.step}.pt", validate=False)
+                    raise
+                if metrics is None:
+                    self._log_skipped_step()
+                else:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                     if self.step % cfg.run.log_interval == 0 or self.step == 1:
@@ -333,15 +389,53 @@ class Trainer:
                     if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < max_steps:
                         self.save(f"step_{self.step}.pt")
                 if self.stop.signal is not None:
-                    logger.warning("Received signal %d: saving and exiting", self.stop.signal)
-                    self.save(f"step_{self.step}.pt", validate=False)
-                    progress.close()
-                    return self.dir / f"step_{self.step}.pt"
+                    return True
                 if self.step >= max_steps:
                     break
             else:
+                if not yielded and started_at == 0:
+                    raise TrainingError(
+                        f"epoch {self.epoch} gave no usable batch: {self.data.bad_files} of the "
+                        f"{self.data.files_read} audio files read were bad (see the warnings above), or no file of "
+                        f"{cfg.data.manifest} has at least data.min_sample_size samples"
+                    )
                 self.epoch += 1
-        progress.close()
+                if self.stop.signal is not None:
+                    return True
+        return False
+
+    def _save_for_signal(self) -> Path:
+        logger.warning("Received signal %d: saving and exiting", self.stop.signal)
+        self.save(f"step_{self.step}.pt", validate=False)
+        return self.dir / f"step_{self.step}.pt"
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> Path:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume()  # before config.json is replaced: a checkpoint that does not fit keeps the config it came with
+        if env.is_main:
+            (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.wandb = self._init_wandb()
+        if env.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.encoder_layer_drop > 0,
+            )
+        self.forward = torch.compile(self.model) if cfg.run.compile else self.model
+        max_steps = cfg.optimizer.max_steps
+        if self.step >= max_steps:
+            logger.info("Already at step %d >= optimizer.max_steps = %d: nothing to do", self.step, max_steps)
+            return self.dir / "final.pt"
+        progress = _progress(total=max_steps, initial=self.step, disable=not env.is_main)
+        try:  # the progress bar ends its line before any error is printed
+            stopped = self._train(progress)
+        finally:
+            progress.close()
+        if stopped:
+            return self._save_for_signal()
         self.save("final.pt")
         if self.wandb is not None:
             self.wandb.finish()
@@ -379,20 +473,31 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else (logging.INFO if env.is_main else logging.WARNING),
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
     )
+    from spidr.data.manifests import ManifestError  # polars is imported only when a manifest is read
+
     try:
         cfg = read_config(args.config, args.set)
         final = Trainer(cfg, env).run()
         logger.info("Done: %s", final)
         return 0
-    except (ConfigError, FileNotFoundError, TrainingError) as error:
+    except (TrainingError, CheckpointSaveError) as error:  # training started and cannot go on
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT if not isinstance(error, TrainingError) else 1
+        return EXIT_TRAINING_FAILED
+    except (ConfigError, FileNotFoundError, ManifestError, CheckpointError) as error:  # refused input
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run main of the importable spidr.train, not of this __main__ copy: the errors that spidr.data.loader
+    # raises are spidr.train's classes, which only that main catches.
+    from spidr.train import main as _main
+
+    sys.exit(_main())

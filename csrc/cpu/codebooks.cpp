@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> segment_sums_cpu(const at::Tensor& x_in, cons
   auto fopts = x_in.options().dtype(at::kFloat);
   auto count = at::zeros({C, K}, fopts);
   auto memory = at::zeros({C, K, D}, fopts);
-  if (N == 0) return {count, memory};
+  if (N == 0 || C == 0) return {count, memory};
   const auto labels = labels_in.contiguous();
   const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < K, "labels must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");

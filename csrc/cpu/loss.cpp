@@ -39,6 +39,7 @@ LossArgs check_loss_args(const at::Tensor& h, const at::Tensor& weight, const at
   check_float_dtype(bias, "bias");
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   const int64_t C = weight.size(0), K = weight.size(1), D = weight.size(2);
+  TORCH_CHECK(C > 0, "weight must hold at least one head (C > 0)");
   TORCH_CHECK(K > 0, "weight must have at least one codeword (K > 0)");
   TORCH_CHECK(h.size(-1) == D, "h must have D=", D, " features to match weight, got ", h.size(-1));
   if (h.dim() == 3) TORCH_CHECK(h.size(0) == C, "h must have C=", C, " heads, got shape ", h.sizes());
@@ -254,10 +255,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mpl_backward_cpu(const at::Tensor
                                                                 const at::Tensor& labels, const at::Tensor& grad_h,
                                                                 const at::Tensor& grad_weight,
                                                                 const at::Tensor& grad_bias) {
+  const LossArgs a = check_loss_args(h, weight, bias, labels);
   check_cpu(grad_loss, "grad_loss");
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == h.size(-2), "grad_loss must be (N=", h.size(-2),
-              ",), got ", grad_loss.sizes());
-  const bool saved = grad_h.numel() > 0 || grad_weight.numel() > 0;
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == a.N, "grad_loss must be (N=", a.N, ",), got ",
+              grad_loss.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()), "grad_loss must be floating point, got ",
+              grad_loss.scalar_type());
+  // The saved gradients count when all three have the shapes of h, weight and bias (mpl_forward returns
+  // empty (0,) tensors instead when it did not compute them).
+  const bool saved = grad_h.sizes() == h.sizes() && grad_weight.sizes() == weight.sizes() &&
+                     grad_bias.sizes() == bias.sizes();
+  if (saved) {
+    check_cpu(grad_h, "grad_h");
+    check_cpu(grad_weight, "grad_weight");
+    check_cpu(grad_bias, "grad_bias");
+    TORCH_CHECK(grad_h.scalar_type() == h.scalar_type() && grad_weight.scalar_type() == weight.scalar_type() &&
+                    grad_bias.scalar_type() == bias.scalar_type(),
+                "the saved gradients must have the dtypes of h, weight and bias");
+  }
   if (saved && grad_loss.numel() > 0) {
     const auto g = grad_loss.detach().to(at::kFloat);
     const float first = g[0].item<float>();

@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 """The sample rate every SpidR/DinoSR model expects."""
 
+MIN_RESAMPLED_RATE = 1_000
+"""Files below this rate are not resampled: such a rate comes from a corrupt header, and upsampling from it would
+turn a small file into gigabytes of samples."""
+
 
 class AudioError(ValueError):
     """An audio file (or tar member) that cannot be used: the message names it and says why."""
@@ -297,7 +301,12 @@ def _decode_torchcodec(
         data = reader.read_at(0, reader.size)
     kwargs = {} if sample_rate is None else {"sample_rate": sample_rate}
     decoder = _decoder(data, blob.name, **kwargs)
-    return _torchcodec_samples(decoder, blob.name), decoder.metadata.sample_rate
+    rate = decoder.metadata.sample_rate
+    if sample_rate is not None and rate is not None and rate < MIN_RESAMPLED_RATE:
+        raise AudioError(
+            f"{blob.name}: implausible sample rate of {rate} Hz (corrupt header?): not resampled to {sample_rate} Hz"
+        )
+    return _torchcodec_samples(decoder, blob.name), rate
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -349,8 +358,8 @@ def load_audio(
 
     Raises:
         AudioError: naming the file (and the archive for a tar member) and the reason: missing or empty file,
-            corrupt, truncated or undecodable audio, no samples, not mono 16 kHz (without ``resample``), or
-            NaN/infinite samples.
+            corrupt, truncated or undecodable audio, no samples, not mono 16 kHz (without ``resample``), a sample
+            rate below :data:`MIN_RESAMPLED_RATE` (with ``resample``), or NaN/infinite samples.
     """
     blob = _blob(source)
     decoded = _decode_wav(source) if blob.suffix == ".wav" else None

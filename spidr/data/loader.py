@@ -1,8 +1,11 @@
 """The training data stream: manifest -> bucketed batches -> decoded, collated, masked batches.
 
-Bad audio files are skipped and counted (logged by path); the run stops when more than
-``run.max_bad_fraction`` of the files read were bad. Each batch's random crop and masks come from a
-generator seeded by (seed, epoch, batch position), so a resumed run draws exactly the same batches.
+Bad audio files (unreadable, not mono 16 kHz, NaN samples, or shorter than the model's receptive field
+once decoded) are skipped and counted (logged by path); the run stops when more than
+``run.max_bad_fraction`` of the files read were bad, judged once :data:`JUDGE_AFTER_FILES` files (or
+every file of the manifest, when it holds fewer) have been read, so that one bad file in the first batch
+does not stop a run. Each batch's random crop and masks come from a generator seeded by (seed, epoch,
+batch position), so a resumed run draws exactly the same batches.
 """
 
 from __future__ import annotations
@@ -19,15 +22,19 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.collate import Batch, collate
 from spidr.data.manifests import read_manifest
 from spidr.data.samplers import BucketBatchSampler
+from spidr.models.components import receptive_field
 
 logger = logging.getLogger(__name__)
+
+JUDGE_AFTER_FILES = 1000
+"""The fraction of bad files is judged once this many files (or the whole manifest, if smaller) were read."""
 
 
 class _AudioDataset(Dataset):
     """Item ``(index, epoch, position)`` -> ``(index, epoch, position, waveform or None, error or None)``."""
 
-    def __init__(self, entries: list, cfg: DataConfig) -> None:
-        self.entries, self.cfg = entries, cfg
+    def __init__(self, entries: list, cfg: DataConfig, min_samples: int) -> None:
+        self.entries, self.cfg, self.min_samples = entries, cfg, min_samples
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -36,9 +43,14 @@ class _AudioDataset(Dataset):
         index, epoch, position = key
         try:
             wav = load_audio(self.entries[index], resample=self.cfg.resample, normalize=self.cfg.normalize)
-            return index, epoch, position, wav, None
         except AudioError as error:
             return index, epoch, position, None, str(error)
+        if wav.numel() < self.min_samples:  # the manifest's num_samples was wrong: the model cannot take it
+            entry = self.entries[index]
+            name = entry.path if entry.archive is None else f"{entry.path} in archive {entry.archive}"
+            reason = f"{wav.numel()} samples after decoding, fewer than the model's receptive field"
+            return index, epoch, position, None, f"{name}: {reason} ({self.min_samples})"
+        return index, epoch, position, wav, None
 
 
 class _KeyedSampler:
@@ -58,12 +70,24 @@ class _KeyedSampler:
 
 
 class TrainingData:
-    """Manifest, sampler and loader of one training process (one rank)."""
+    """Manifest, sampler and loader of one training process (one rank).
+
+    With ``max_bad_fraction``, :meth:`batches` raises :class:`~spidr.train.TrainingError` as soon as more than
+    that fraction of the files read were bad (see the module's docstring), whether or not a batch is yielded.
+    """
 
     def __init__(
-        self, cfg: DataConfig, masking: MaskingConfig, model: DinoSRConfig, *, rank: int = 0, world_size: int = 1
+        self,
+        cfg: DataConfig,
+        masking: MaskingConfig,
+        model: DinoSRConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_bad_fraction: float | None = None,
     ) -> None:
         self.cfg, self.masking, self.model_cfg = cfg, masking, model
+        self.max_bad_fraction = max_bad_fraction
         self.entries = read_manifest(cfg.manifest)
         self.sampler = BucketBatchSampler(
             [e.num_samples for e in self.entries],
@@ -82,6 +106,7 @@ class TrainingData:
             logger.info(
                 "%d files shorter than %d samples are left out", len(self.sampler.dropped), cfg.min_sample_size
             )
+        self.judge_after = min(JUDGE_AFTER_FILES, len(self.entries) - len(self.sampler.dropped))
         self.bad_files = 0
         self.files_read = 0
         self.epoch, self.position = 0, 0
@@ -115,7 +140,7 @@ class TrainingData:
     def batches(self) -> Iterator[Batch]:
         """This epoch's remaining batches, from the sampler's current position."""
         loader = DataLoader(
-            _AudioDataset(self.entries, self.cfg),
+            _AudioDataset(self.entries, self.cfg, receptive_field(self.model_cfg.extractor_conv_layer_config)),
             batch_sampler=_KeyedSampler(self.sampler),
             collate_fn=self._collate_counting,
             num_workers=self.cfg.num_workers,
@@ -131,6 +156,8 @@ class TrainingData:
             self.bad_files += bad
             # Position of the batches consumed, not of the sampler, which loader workers run ahead of.
             self.epoch, self.position = epoch, position + 1
+            if self.max_bad_fraction is not None:
+                self.check_bad_fraction(self.max_bad_fraction)
             if batch is not None:
                 yield batch
 
@@ -139,11 +166,18 @@ class TrainingData:
         return batch, self._last_counts, (items[0][1], items[0][2])
 
     def state_dict(self) -> dict[str, int]:
-        """Where the stream stands: the epoch and the number of its batches already consumed."""
-        return {"epoch": self.epoch, "position": self.position}
+        """Where the stream stands (the epoch and the number of its batches already consumed), and the
+        bad-file counts so far."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "bad_files": self.bad_files,
+            "files_read": self.files_read,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.bad_files, self.files_read = int(state.get("bad_files", 0)), int(state.get("files_read", 0))
         self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position})
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,10 +188,11 @@ class TrainingData:
         self.sampler.load_state_dict({"epoch": epoch, "position": self.position})
 
     def check_bad_fraction(self, limit: float) -> None:
-        """Raise when more than ``limit`` of the files read so far were unreadable."""
+        """Raise when more than ``limit`` of the files read so far were bad, once enough files were read."""
         from spidr.train import TrainingError
 
-        if self.files_read and self.bad_files / self.files_read > limit:
+        judged = self.files_read >= self.judge_after or self.bad_files > limit * self.judge_after
+        if judged and self.files_read and self.bad_files / self.files_read > limit:
             raise TrainingError(
                 f"{self.bad_files} of {self.files_read} audio files read were unreadable, more than "
                 f"run.max_bad_fraction = {limit}; see the warnings above for their paths and reasons"

@@ -107,10 +107,10 @@ def read_manifest(path: str | os.PathLike[str], *, check_exists: bool = False) -
             skips unreadable files as it meets them.
 
     Raises:
-        ManifestError: naming the manifest, the line (1-based, the header is line 1) and the column: wrong header
-            or missing columns, empty fileid or path, non-integer or negative num_samples/byte_offset/byte_size,
-            tar columns partially present, a byte range outside its archive, a missing file (``check_exists``),
-            or an unknown suffix.
+        ManifestError: naming the manifest, the line (1-based, the header is line 1) and the column: text that is
+            not UTF-8, a wrong header or missing columns, empty fileid or path, non-integer or negative
+            num_samples/byte_offset/byte_size, tar columns partially present, a byte range outside its archive, a
+            missing file (``check_exists``), or an unknown suffix.
     """
     manifest = Path(path)
     suffix = manifest.suffix.lower()
@@ -118,9 +118,24 @@ def read_manifest(path: str | os.PathLike[str], *, check_exists: bool = False) -
         raise _fail(manifest, f"unknown manifest suffix '{manifest.suffix}' (expected .csv, .jsonl or .tsv)")
     if not manifest.is_file():
         raise _fail(manifest, "manifest not found" if not manifest.exists() else "not a file")
+    _check_utf8(manifest)
     if suffix == ".tsv":
         return _read_tsv(manifest, check_exists)
     return _read_table(manifest, suffix == ".csv", check_exists)
+
+
+def _check_utf8(manifest: Path) -> None:
+    """Refuse a manifest that is not UTF-8 text, naming the line of the first bad byte."""
+    try:
+        data = manifest.read_bytes()
+    except OSError as error:
+        raise _fail(manifest, f"cannot read the manifest ({error.strerror or error})") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        message = f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}: {error.reason})"
+        raise _fail(manifest, message, line) from None
 
 
 def _read_tsv(manifest: Path, check_exists: bool) -> list[AudioEntry]:

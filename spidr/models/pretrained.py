@@ -8,11 +8,11 @@ directory holding the release's files (``spidr_base.pt``, ``dinosr_base_reproduc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,9 @@ PRETRAINED: dict[str, PretrainedModel] = {
 def load_checkpoint_file(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True`` on CPU, with errors that name the file.
 
+    Nothing in the file can run code: ``weights_only=True`` accepts tensors and plain containers only, and
+    this library never loads a checkpoint any other way.
+
     Raises:
         FileNotFoundError: no such file.
         CheckpointError: the file is truncated, corrupt, not a torch checkpoint, or holds objects
@@ -85,10 +88,26 @@ def load_checkpoint_file(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} holds objects that cannot be loaded safely (weights_only=True refuses them): {error}"
+            f"{path} cannot be loaded safely: it is not a torch checkpoint, or it holds objects other than tensors "
+            f"and plain containers, which weights_only=True refuses as loading them could run code "
+            f"({_torch_reason(error)})"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}") from error
+    except MemoryError:
+        raise
+    except Exception as error:  # torch's zip reader and unpickler raise many kinds on damaged files
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {type(error).__name__}: "
+            f"{_torch_reason(error)}"
+        ) from error
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The informative line of a torch.load error (its messages run over many lines of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for before, line in itertools.pairwise(lines):
+        if line.startswith("Check the documentation of torch.load"):
+            return before
+    return lines[0] if lines else type(error).__name__
 
 
 def extract_state_dict(checkpoint: Any, source: str) -> dict[str, Tensor]:
@@ -104,6 +123,15 @@ def extract_state_dict(checkpoint: Any, source: str) -> dict[str, Tensor]:
     if checkpoint and all(k.startswith(prefix) for k in checkpoint):
         return {k.removeprefix(prefix): v for k, v in checkpoint.items()}
     return dict(checkpoint)
+
+
+def check_model_type(checkpoint: Any, cfg: DinoSRConfig, source: str) -> None:
+    """Refuse a checkpoint that says it holds another model type than ``cfg`` builds (training checkpoints
+    of ``spidr.train`` carry ``model_type``; SpidR and DinoSR state dicts have the same keys and shapes)."""
+    stated = checkpoint.get("model_type") if isinstance(checkpoint, Mapping) else None
+    wanted = "spidr" if isinstance(cfg, SpidRConfig) else "dinosr"
+    if isinstance(stated, str) and stated != wanted:
+        raise CheckpointError(f"{source} holds a {stated!r} model, not a {wanted!r} one")
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -237,7 +265,9 @@ def build_model(
             )
         logger.warning("No config.json beside %s: using the default %s config.", path, model_type)
         cfg = model_config_class(model_type)()
-    state_dict = extract_state_dict(load_checkpoint_file(path), str(path))
+    loaded = load_checkpoint_file(path)
+    check_model_type(loaded, cfg, str(path))
+    state_dict = extract_state_dict(loaded, str(path))
     return model_from_state_dict(cfg, state_dict, str(path)).eval()
 
 
@@ -286,7 +316,14 @@ def resolve_pretrained_file(name: str, checkpoint: str | Path | None = None, *, 
 def load_pretrained(
     name: str, *, pretrained: bool = True, checkpoint: str | Path | None = None, progress: bool = True
 ) -> DinoSR:
-    """The published model ``name`` (a key of :data:`PRETRAINED`) in eval mode."""
+    """The published model ``name`` (a key of :data:`PRETRAINED`) in eval mode.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        FileNotFoundError: ``checkpoint`` does not exist, or the weights are nowhere and cannot be downloaded.
+        CheckpointError: the file is unreadable, cannot be loaded safely, holds another model type, or its keys
+            or shapes do not fit (the first mismatches are listed); no code in the file is ever run.
+    """
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     info = PRETRAINED[name]
@@ -299,9 +336,11 @@ def load_pretrained(
             raise CheckpointError(f"{path} is not a fairseq checkpoint")
         try:
             state_dict = state_dict_from_dinosr_fairseq_checkpoint(loaded)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(f"{path}: {error}") from error
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as error:
+            # a damaged file can hold anything: values that are not tensors, keys that are not strings, ...
+            raise CheckpointError(f"{path} is not an original DinoSR (fairseq) checkpoint: {error}") from error
     else:
+        check_model_type(loaded, info.config(), str(path))
         state_dict = extract_state_dict(loaded, str(path))
     return model_from_state_dict(info.config(), state_dict, str(path)).eval()
 
@@ -314,6 +353,9 @@ def spidr_base(*, pretrained: bool = True, checkpoint: str | Path | None = None,
             weights and works under ``with torch.device("meta"):``.
         checkpoint: a local ``spidr_base.pt`` to use instead of the cache or download.
         progress: show a progress bar while downloading.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`load_pretrained`.
     """
     return cast(
         "SpidR", load_pretrained("spidr_base", pretrained=pretrained, checkpoint=checkpoint, progress=progress)

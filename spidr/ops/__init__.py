@@ -77,7 +77,8 @@ def assign_codes(x: Tensor, codebooks: Tensor, counts: Tensor) -> Tensor:
         No (N, K) one-hot is built.
 
     Raises:
-        TypeError, ValueError: a wrong rank, dtype, shape or device, naming the argument.
+        TypeError, ValueError: a wrong rank, dtype, shape or device, naming the argument (K = 0 included).
+        BackendError: the forced backend cannot run on these tensors.
     """
     checks.check_assign(x, codebooks, counts)
     return select(x.device).assign_codes(x, codebooks, counts)
@@ -107,6 +108,11 @@ def codebook_update_(
         labels: (C, N) int64 in [0, K), as returned by :func:`assign_codes`.
         decay: d in [0, 1].
         group: the process group to reduce over (default: the world).
+
+    Raises:
+        TypeError, ValueError: a wrong rank, dtype, shape or device, naming the argument, K = 0, a decay
+            outside [0, 1], or (CPU tensors) labels outside [0, K). Nothing is updated then.
+        BackendError: the forced backend cannot run on these tensors.
     """
     checks.check_update(codebooks, counts, x, labels, decay)
     select(x.device).codebook_update_(codebooks, counts, x, labels, float(decay), group=group)
@@ -126,6 +132,11 @@ def masked_prediction_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tens
         ``h``, ``weight`` and ``bias``; and ``mean_probs`` (C, K) float32: each head's softmax averaged
         over the N frames (no gradient; zeros when N = 0). The backward never keeps all heads'
         (N, K) logits alive.
+
+    Raises:
+        TypeError, ValueError: a wrong rank, dtype, shape or device, naming the argument, C = 0 or K = 0,
+            or (CPU tensors) labels outside [0, K).
+        BackendError: the forced backend cannot run on these tensors.
     """
     checks.check_loss(h, weight, bias, labels)
     return select(h.device).masked_prediction_loss(h, weight, bias, labels)

@@ -1,7 +1,8 @@
 """Argument validation shared by every backend of :mod:`spidr.ops`.
 
-Checks look only at shapes, dtypes and devices (never at values), so they cost nothing on the
-GPU and do not break ``torch.compile`` graphs.
+Checks look at shapes, dtypes and devices, which costs nothing on the GPU and does not break
+``torch.compile`` graphs. Label values are checked only for CPU tensors outside ``torch.compile``:
+on the GPU that would wait for the device, so there, labels outside [0, K) are the caller's error.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).removeprefix('torch.')}")
     return t
+
+
+def check_labels_in_range(labels: Tensor, k: int) -> None:
+    """Label values in [0, k), checked for CPU tensors when not tracing (see the module docstring)."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(labels.min()), int(labels.max())
+    _require(0 <= low and high < k, f"labels must be in [0, K={k}), got values in [{low}, {high}]")
 
 
 def check_same_device(**tensors: Tensor) -> None:
@@ -61,6 +70,7 @@ def check_update(codebooks: Tensor, counts: Tensor, x: Tensor, labels: Tensor, d
     check_tensor("x", x, 3, FLOAT_DTYPES)
     check_tensor("labels", labels, 2, (torch.int64,))
     c, k, d = codebooks.shape
+    _require(k > 0, "codebooks must hold at least one codeword (K > 0)")
     _require(tuple(counts.shape) == (c, k), f"counts must have shape (C={c}, K={k}), got {tuple(counts.shape)}")
     _require(
         x.shape[0] == c and x.shape[2] == d,
@@ -72,8 +82,13 @@ def check_update(codebooks: Tensor, counts: Tensor, x: Tensor, labels: Tensor, d
     )
     _require(counts.dtype == codebooks.dtype, "counts and codebooks must have the same dtype")
     _require(codebooks.is_contiguous() and counts.is_contiguous(), "codebooks and counts must be contiguous")
-    _require(0.0 <= float(decay) <= 1.0, f"decay must be in [0, 1], got {decay}")
+    try:
+        value = float(decay)
+    except (TypeError, ValueError):
+        raise TypeError(f"decay must be a number, got {type(decay).__name__}") from None
+    _require(0.0 <= value <= 1.0, f"decay must be in [0, 1], got {decay}")
     check_same_device(codebooks=codebooks, counts=counts, x=x, labels=labels)
+    check_labels_in_range(labels, k)
 
 
 def check_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> None:
@@ -87,6 +102,8 @@ def check_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> None:
     check_tensor("bias", bias, 2, FLOAT_DTYPES)
     check_tensor("labels", labels, 2, (torch.int64,))
     c, k, d = weight.shape
+    _require(c > 0, "weight must hold at least one head (C > 0)")
+    _require(k > 0, "weight must hold at least one codeword (K > 0)")
     _require(h.shape[-1] == d, f"h must have D={d} features to match weight {tuple(weight.shape)}, got {h.shape[-1]}")
     n = h.shape[-2]
     if h.dim() == 3:
@@ -94,3 +111,4 @@ def check_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> None:
     _require(tuple(bias.shape) == (c, k), f"bias must have shape (C={c}, K={k}), got {tuple(bias.shape)}")
     _require(tuple(labels.shape) == (c, n), f"labels must have shape (C={c}, N={n}), got {tuple(labels.shape)}")
     check_same_device(h=h, weight=weight, bias=bias, labels=labels)
+    check_labels_in_range(labels, k)

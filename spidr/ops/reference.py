@@ -28,13 +28,13 @@ def assign_codes(x: Tensor, codebooks: Tensor, counts: Tensor) -> Tensor:
 
 def segment_sums(x: Tensor, labels: Tensor, num_codewords: int) -> tuple[Tensor, Tensor]:
     """Per codebook: how many rows have each label (C, K) and the sum of those rows (C, K, D), in float32."""
-    num_codebooks, _, dim = x.shape
+    num_codebooks, n, dim = x.shape
     flat = (labels + torch.arange(num_codebooks, device=labels.device).unsqueeze(1) * num_codewords).reshape(-1)
     # index_add_ rather than bincount: the output size stays static, which torch.compile needs
     count = torch.zeros(num_codebooks * num_codewords, dtype=torch.float32, device=x.device)
     count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
     memory = torch.zeros(num_codebooks * num_codewords, dim, dtype=torch.float32, device=x.device)
-    memory.index_add_(0, flat, x.reshape(-1, dim).float())
+    memory.index_add_(0, flat, x.reshape(num_codebooks * n, dim).float())  # not (-1, dim): D may be 0
     return count.view(num_codebooks, num_codewords), memory.view(num_codebooks, num_codewords, dim)
 
 
@@ -66,6 +66,10 @@ def codebook_update_(
 
 def _head_logits(h: Tensor, weight: Tensor, bias: Tensor, i: int) -> Tensor:
     hi = h[i] if h.dim() == 3 else h
+    if not (h.dtype == weight.dtype == bias.dtype) and not torch.is_autocast_enabled(h.device.type):
+        # Mixed dtypes outside autocast (which casts them itself): computed in float32, as the compiled backends do.
+        acc = _accumulation_dtype(h)
+        return torch.addmm(bias[i].to(acc), hi.to(acc), weight[i].to(acc).t())
     return torch.addmm(bias[i], hi, weight[i].t())
 
 
