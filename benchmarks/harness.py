@@ -119,8 +119,9 @@ def time_it(
     return statistics.median(times), min(times), max(times)
 
 
-def measure(name: str, fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-            note: str = "") -> Row:
+def measure(
+    name: str, fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device: str = "cpu", note: str = ""
+) -> Row:
     """Time ``fn`` with :func:`time_it` and return it as a :class:`Row`."""
     median, lo, hi = time_it(fn, repeats=repeats, warmup=warmup, device=device)
     return Row(name=name, median_s=median, min_s=lo, max_s=hi, runs=max(1, repeats), note=note)
@@ -150,5 +151,7 @@ def machine() -> dict[str, str | int]:
 def machine_line() -> str:
     """:func:`machine` as one line for a table's caption."""
     m = machine()
-    return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-            f"Python {m['python']}, GPU: {m['gpu']}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+        f"Python {m['python']}, GPU: {m['gpu']}"
+    )
