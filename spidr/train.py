@@ -274,20 +274,22 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_norm)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(scaled.detach()))
-        if env.world_size > 1:
-            (finite_all,) = all_reduce_sum([float(finite)], env)
-            finite = finite_all == env.world_size
+        loss_finite = bool(torch.isfinite(scaled.detach()))
+        finite = bool(torch.isfinite(grad_norm)) and loss_finite
+        if env.world_size > 1:  # every rank takes the same decision
+            finite_all, loss_finite_all = all_reduce_sum([float(finite), float(loss_finite)], env)
+            finite, loss_finite = finite_all == env.world_size, loss_finite_all == env.world_size
         if not finite:
-            # Nothing moves: no optimiser, scheduler or EMA update, and the codebooks are restored. A float16
-            # GradScaler still gets its update(), which lowers its scale after an overflow, as it must, and
-            # which the next step's unscale_() needs.
+            # Nothing moves: no optimiser, scheduler or EMA update, and the codebooks are restored.
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for buffer, saved in zip(model.codebooks.buffers(), codebooks, strict=True):
                     buffer.copy_(saved)
             if self.scaler.is_enabled():
-                self.scaler.update()
+                # float16 only. A non-finite loss leaves the scale as it was (update() with the same scale only
+                # ends this step for the scaler, as the next unscale_() needs). A finite loss whose scaled
+                # gradients overflowed is the scaler's own signal: it lowers its scale, as GradScaler does.
+                self.scaler.update(None if loss_finite else self.scaler.get_scale())
             self.nonfinite_in_a_row += 1
             self.counters["skipped_steps"] += 1
             logger.warning("Non-finite loss or gradient at step %d: step skipped", self.step + 1)
