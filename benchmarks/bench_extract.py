@@ -40,15 +40,9 @@ SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech"
 def _model(quick: bool) -> tuple[SpidR, int]:
     torch.manual_seed(0)
     if quick:
-        cfg = SpidRConfig(
-            extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
-            encoder_embed_dim=64,
-            encoder_num_layers=4,
-            encoder_num_heads=4,
-            encoder_ff_interm_features=128,
-            codebook_size=16,
-            num_codebooks=2,
-        )
+        from benchmarks.bench_step import quick_config
+
+        cfg = quick_config()
         return SpidR(cfg).eval(), 2
     return SpidR(SpidRConfig()).eval(), 6
 

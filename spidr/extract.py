@@ -298,9 +298,8 @@ class Extractor:
         model._check_inputs(batch, mask)
         x = self._features(batch, lengths, frames)
         if self.units == "codebook":
-            inputs = model._head_inputs(x, mask)
-            first = self.num_layers - len(inputs) + 1
-            return {layer: model.heads[layer - first](inputs[layer - first]).argmax(-1) for layer in self.layers}
+            units = model.units_from_features(x, mask)
+            return {layer: units[layer - 1] for layer in self.layers}
         outputs = model.student.get_intermediate_outputs(x, mask, max(self.layers))
         if self.units is None:
             return {layer: outputs[layer - 1].to(self.dtype) for layer in self.layers}

@@ -224,7 +224,11 @@ class DinoSR(nn.Module):
         over its codewords, int64 (batch, frames): the indices of ``get_codebooks(onehot=True)``, without
         building the one-hot (ties to the lowest index, as ``argmax``)."""
         self._check_inputs(waveforms, attention_mask)
-        inputs = self._head_inputs(self._features(waveforms), attention_mask)
+        return self.units_from_features(self._features(waveforms), attention_mask)
+
+    def units_from_features(self, x: Tensor, attention_mask: Tensor | None = None) -> list[Tensor | None]:
+        """:meth:`get_units` from the projected features ``x`` (batch, frames, dim) instead of waveforms."""
+        inputs = self._head_inputs(x, attention_mask)
         result: list[Tensor | None] = [None] * (len(self.student.layers) - self.num_codebooks)
         result += [head(y).argmax(-1) for head, y in zip(self.heads, inputs, strict=True)]
         return result
