@@ -5,25 +5,28 @@
 // running argmin per row, so no (N, K) distance matrix is ever written. segment_sums: each thread accumulates its rows into its own
 // partial (C, K, D) sums, merged at the end: no atomics, deterministic for a given thread count.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 
 namespace spidr::cpu {
 namespace {
 
 // Accumulate one row into a partial sum. Cloned for AVX-512 / AVX2 with a run-time CPU check,
 // so the loop is vectorised for the machine it runs on whatever the build flags.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void add_row(float* __restrict acc,
+SPIDR_CLONES void add_row(float* __restrict acc,
                                                                          const float* __restrict row, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void sum_partials(float* __restrict out,
+SPIDR_CLONES void sum_partials(float* __restrict out,
                                                                               const float* __restrict partials,
                                                                               int64_t num_partials, int64_t stride,
                                                                               int64_t begin, int64_t end) {
@@ -33,19 +36,38 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sum_partials(f
   }
 }
 
-// argmin_k norms[k] - 2 dots[k], ties to the lowest index (NaN rows give 0). Two vectorisable passes:
-// the distances and their minimum, then the first index that reaches it.
-__attribute__((target_clones("avx512f", "avx2", "default"))) int64_t row_argmin(float* __restrict dots,
-                                                                               const float* __restrict norms,
-                                                                               int64_t K) {
-  float best = std::numeric_limits<float>::infinity();
-  for (int64_t k = 0; k < K; ++k) dots[k] = norms[k] - 2.0f * dots[k];
-#pragma omp simd reduction(min : best)
-  for (int64_t k = 0; k < K; ++k) best = dots[k] < best ? dots[k] : best;
-  for (int64_t k = 0; k < K; ++k) {
-    if (dots[k] == best) return k;
+// argmin_k norms[k] - 2 dots[k], ties to the lowest index, in one pass that writes nothing: each of the
+// 16 lanes keeps its smallest distance and the first index reaching it (a strict < over increasing k),
+// then the lanes are merged (smallest distance, lowest index among equals). NaN distances never win; a
+// row with no finite distance gives 0.
+SPIDR_CLONES int64_t row_argmin(const float* __restrict dots, const float* __restrict norms, int64_t K) {
+  const int64_t full = K / kLanes * kLanes;
+  Vec best = splat(std::numeric_limits<float>::infinity());
+  IVec best_k = IVec{};
+  IVec k_vec = IVec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t k = 0; k < full; k += kLanes) {
+    const Vec d = load(norms + k) - 2.0f * load(dots + k);
+    const IVec less = d < best;
+    best = less ? d : best;
+    best_k = less ? k_vec : best_k;
+    k_vec += static_cast<int32_t>(kLanes);
   }
-  return 0;
+  float m = std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    if (best[l] < m || (best[l] == m && best_k[l] < arg)) {
+      m = best[l];
+      arg = best_k[l];
+    }
+  }
+  for (int64_t k = full; k < K; ++k) {  // the tail's indices come after every lane's
+    const float d = norms[k] - 2.0f * dots[k];
+    if (d < m) {
+      m = d;
+      arg = k;
+    }
+  }
+  return arg;
 }
 
 void check_assign_args(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& counts) {
@@ -74,13 +96,13 @@ at::Tensor assign_codes_cpu(const at::Tensor& x_in, const at::Tensor& codebooks,
   const auto codewords = (codebooks.detach() / counts.detach().unsqueeze(-1)).contiguous();
   const auto norms = codewords.square().sum(-1).contiguous();  // (C, K)
   const bool convert = x.scalar_type() != at::kFloat;
+  const float* norms_ptr = norms.data_ptr<float>();
+  int64_t* labels_ptr = labels.data_ptr<int64_t>();
   // A block of rows at a time: one BLAS call (all threads) into a reused (block, K) buffer, then an
   // OpenMP argmin over the block's rows while it is still in cache.
   const int64_t block = std::clamp<int64_t>((int64_t{1} << 20) / K, 64, 8192);  // a 4 MiB buffer
   auto dots = at::empty({block, K}, codewords.options());
   auto staged = convert ? at::empty({block, D}, codewords.options()) : at::Tensor();
-  const float* norms_ptr = norms.data_ptr<float>();
-  int64_t* labels_ptr = labels.data_ptr<int64_t>();
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t rows = std::min(block, N - r0);
@@ -120,16 +142,18 @@ std::tuple<at::Tensor, at::Tensor> segment_sums_cpu(const at::Tensor& x_in, cons
   // A few threads saturate memory bandwidth here; more would only multiply the partial buffers.
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({max_threads(), 8, (N + 63) / 64})));
   const int64_t stride = C * K * D;
-  auto partial_sums = at::zeros({threads, C, K, D}, fopts);
+  // Thread 0 accumulates straight into the output; threads 1.. into their own partial sums.
+  auto partial_sums = at::zeros({threads - 1, C, K, D}, fopts);
   std::vector<int64_t> partial_counts(static_cast<size_t>(threads) * C * K, 0);
   const float* xp = x.data_ptr<float>();
   const int64_t* lp = labels.data_ptr<int64_t>();
   float* pp = partial_sums.data_ptr<float>();
+  float* out = memory.data_ptr<float>();
 
 #pragma omp parallel num_threads(threads)
   {
     const int t = thread_id();
-    float* mine = pp + t * stride;
+    float* mine = t == 0 ? out : pp + (t - 1) * stride;
     int64_t* my_counts = partial_counts.data() + static_cast<size_t>(t) * C * K;
     for (int64_t c = 0; c < C; ++c) {
 #pragma omp for schedule(static)
@@ -140,12 +164,13 @@ std::tuple<at::Tensor, at::Tensor> segment_sums_cpu(const at::Tensor& x_in, cons
       }
     }
   }
-  // Merge the partials, in parallel over the (C, K, D) elements, in thread order.
-  float* out = memory.data_ptr<float>();
-  const int64_t chunk = 4096;
+  // Merge the other threads' partials into it, in parallel over the (C, K, D) elements, in thread order.
+  if (threads > 1) {
+    const int64_t chunk = 4096;
 #pragma omp parallel for schedule(static)
-  for (int64_t begin = 0; begin < stride; begin += chunk) {
-    sum_partials(out, pp, threads, stride, begin, std::min(stride, begin + chunk));
+    for (int64_t begin = 0; begin < stride; begin += chunk) {
+      sum_partials(out, pp, threads - 1, stride, begin, std::min(stride, begin + chunk));
+    }
   }
   float* cp = count.data_ptr<float>();
   for (int t = 0; t < threads; ++t)

@@ -6,7 +6,8 @@
 // once into grad_h (g @ W) and grad_weight (g^T @ h) by two more BLAS calls. Three GEMMs per block
 // and head, the floor of this loss: the gradients are computed in the forward pass and only scaled
 // by the backward when the upstream gradient is uniform (the training case). The (N, K) logits
-// never exist; one (block, K) buffer does.
+// never exist; one (block, K) buffer (about 4 MiB) does. grad_h, the one large output, is mapped
+// with transparent huge pages (parallel.h: empty_float_huge), which makes its first touch cheap.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 
 namespace spidr::cpu {
 namespace {
@@ -59,75 +61,58 @@ struct PassOutput {
   at::Tensor loss, mean_probs, grad_h, grad_weight, grad_bias;
 };
 
-// exp(x) for x <= 0 (shifted logits), within 2 ulp of expf: 2^n * p(r) with n = round(x / ln 2) and a
-// degree-6 polynomial on |r| <= ln(2)/2. Plain arithmetic, so the row loops below auto-vectorise.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-constexpr int64_t kChunk = 16;  // codewords per step of the online log-sum-exp
-
-// The row-wise epilogue of one (rows, K) block of logits, in place: an online log-sum-exp over chunks of
-// kChunk codewords (one pass: each chunk is exponentiated against the running max, and earlier chunks
-// are rescaled once at the end), the loss terms, the column sums of the softmax (probs_sum) and, when
-// grad_scale is given, g = (softmax - onehot) * grad_scale[row] with its column sums (grad_bias_sum).
-// Cloned per instruction set and chosen at run time, so the chunk loops are vectorised.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void block_epilogue(
-    float* __restrict logits, int64_t rows, int64_t K, const int64_t* __restrict labels,
-    float* __restrict loss_terms, float* __restrict probs_sum, const float* __restrict grad_scale,
-    float* __restrict grad_bias_sum, float* __restrict chunk_max) {
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
+// The row-wise epilogue of one (rows, K) block of logits, in place. Per row: an online log-sum-exp in
+// one pass over the logits, lane-wise (each of the 16 lanes keeps the running maximum m and the sum of
+// exp(logit - m) of its codewords k = lane mod 16, rescaling its sum when its maximum grows; the lanes
+// are merged at the end); then, in a second pass, the softmax, its column sums (probs_sum) and, when
+// grad_scale is given, g = (softmax - onehot) * grad_scale[row] in place with its column sums
+// (grad_bias_sum). Returns the loss term log-sum-exp - logit[label] of each row in loss_terms. Cloned per
+// instruction set (SPIDR_CLONES) and chosen at run time.
+SPIDR_CLONES void block_epilogue(float* __restrict logits, int64_t rows, int64_t K, const int64_t* __restrict labels,
+                                 float* __restrict loss_terms, float* __restrict probs_sum,
+                                 const float* __restrict grad_scale, float* __restrict grad_bias_sum) {
+  const int64_t full = K / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = logits + r * K;
+    float* __restrict row = logits + r * K;
     const int64_t label = labels[r];
     const float label_logit = row[label];
-    float m = -std::numeric_limits<float>::infinity(), s = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) {
-      float* x = row + c * kChunk;
-      const int64_t w = std::min(kChunk, K - c * kChunk);
-      float cm = x[0];
-      for (int64_t k = 1; k < w; ++k) cm = x[k] > cm ? x[k] : cm;
-      if (cm > m) {
-        s *= exp_nonpositive(m - cm);
-        m = cm;
-      }
-      float cs = 0.0f;
-      for (int64_t k = 0; k < w; ++k) {
-        x[k] = exp_nonpositive(x[k] - m);
-        cs += x[k];
-      }
-      s += cs;
-      chunk_max[c] = m;
+    Vec lane_max = splat(-std::numeric_limits<float>::max()), lane_sum = splat(0.0f);
+    for (int64_t k = 0; k < full; k += kLanes) {
+      const Vec x = load(row + k), grown = vmax(lane_max, x);
+      lane_sum = lane_sum * exp_nonpositive(lane_max - grown) + exp_nonpositive(x - grown);
+      lane_max = grown;
     }
+    float m = -std::numeric_limits<float>::max();
+    for (int64_t l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m;
+    for (int64_t k = full; k < K; ++k) m = row[k] > m ? row[k] : m;
+    const Vec rescaled = lane_sum * exp_nonpositive(lane_max - m);
+    float s = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) s += rescaled[l];
+    for (int64_t k = full; k < K; ++k) s += exp_nonpositive(row[k] - m);
     // -log_softmax[label] = log(sum exp(logit - max)) - (logit[label] - max)
     loss_terms[r] = std::log(s) - (label_logit - m);
     const float inv = 1.0f / s;
-    for (int64_t c = 0; c < chunks; ++c) {
-      float* x = row + c * kChunk;
-      const int64_t w = std::min(kChunk, K - c * kChunk);
-      const float f = exp_nonpositive(chunk_max[c] - m) * inv;
-      for (int64_t k = 0; k < w; ++k) x[k] *= f;
-    }
-    for (int64_t k = 0; k < K; ++k) probs_sum[k] += row[k];
-    if (grad_scale != nullptr) {
-      const float g = grad_scale[r];
-      row[label] -= 1.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        row[k] *= g;
-        grad_bias_sum[k] += row[k];
+    const float g = grad_scale != nullptr ? grad_scale[r] : 0.0f;
+    for (int64_t k = 0; k < full; k += kLanes) {
+      const Vec p = exp_nonpositive(load(row + k) - m) * inv;
+      store(probs_sum + k, load(probs_sum + k) + p);
+      if (grad_scale != nullptr) {
+        const Vec q = p * g;
+        store(row + k, q);
+        store(grad_bias_sum + k, load(grad_bias_sum + k) + q);
+      } else {
+        store(row + k, p);
       }
+    }
+    for (int64_t k = full; k < K; ++k) {
+      const float p = exp_nonpositive(row[k] - m) * inv;
+      probs_sum[k] += p;
+      row[k] = grad_scale != nullptr ? p * g : p;
+      if (grad_scale != nullptr) grad_bias_sum[k] += row[k];
+    }
+    if (grad_scale != nullptr) {  // the one-hot term of the gradient
+      row[label] -= g;
+      grad_bias_sum[label] -= g;
     }
   }
 }
@@ -161,13 +146,17 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
   const auto h = h_in.detach().contiguous();
   const auto labels = labels_in.contiguous();
   const bool convert = h.scalar_type() != at::kFloat;
-  const int64_t block = std::clamp<int64_t>((int64_t{1} << 21) / a.K, 64, 16384);  // an 8 MiB logits buffer
+  // Rows per block: about a 4 MiB logits buffer (so each GEMM is large enough to run at the BLAS rate),
+  // balanced so that the last block is not a small remainder.
+  const int64_t target = std::clamp<int64_t>((int64_t{1} << 20) / a.K, 64, 16384);
+  const int64_t num_blocks = (a.N + target - 1) / target;
+  const int64_t block = (a.N + num_blocks - 1) / num_blocks;
   const int threads = max_threads();
   const float inv_heads = 1.0f / static_cast<float>(a.C);
 
   at::Tensor grad_h32, grad_w32, grad_b32;
   if (want_grads) {
-    grad_h32 = at::empty(h.sizes(), fopts);  // every element is written by its block's first head
+    grad_h32 = empty_float_huge(h.sizes(), fopts);  // every element is written by its block's first head
     grad_w32 = at::zeros({a.C, a.K, a.D}, fopts);
     grad_b32 = at::zeros({a.C, a.K}, fopts);
   }
@@ -178,10 +167,8 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
   auto logits = at::empty({block, a.K}, fopts);
   auto staged = convert ? at::empty({block, a.D}, fopts) : at::Tensor();
   auto terms = at::empty({block}, fopts);
-  // Per-thread column sums of the softmax and of g, merged after each block (no atomics), and
-  // per-thread scratch for the running maxima of the online log-sum-exp.
+  // Per-thread column sums of the softmax and of g, merged after each block (no atomics).
   auto partial = at::zeros({threads, 2, a.K}, fopts);
-  auto scratch = at::empty({threads, (a.K + kChunk - 1) / kChunk}, fopts);
   float* loss_ptr = out.loss.data_ptr<float>();
   float* partial_ptr = partial.data_ptr<float>();
   float* probs_ptr = out.mean_probs.data_ptr<float>();
@@ -205,8 +192,7 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
         const int64_t per = (rows + nt - 1) / nt, begin = std::min(rows, t * per), end = std::min(rows, begin + per);
         float* mine = partial_ptr + t * 2 * a.K;
         block_epilogue(lp + begin * a.K, end - begin, a.K, lab + begin, tp + begin, mine,
-                       gs == nullptr ? nullptr : gs + begin, mine + a.K,
-                       scratch.data_ptr<float>() + t * scratch.size(1));
+                       gs == nullptr ? nullptr : gs + begin, mine + a.K);
       }
       for (int t = 0; t < threads; ++t) {
         const float* src = partial_ptr + t * 2 * a.K;

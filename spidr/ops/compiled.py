@@ -53,9 +53,14 @@ def _register_abstract() -> None:
         _, mean_probs, grad_h, grad_weight, grad_bias = output
         ctx.save_for_backward(h, weight, bias, labels, grad_h, grad_weight, grad_bias)
         ctx.mark_non_differentiable(mean_probs, grad_h, grad_weight, grad_bias)
+        # The outputs other than the loss never receive a gradient; without this, autograd would
+        # materialise zeros for each of them (a transient grad_h-sized buffer in every backward).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *_unused):
         h, weight, bias, labels, grad_h, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_loss is None:  # not materialised: nothing flowed into the loss
+            return None, None, None, None, None
         if grad_h.numel() and not torch.compiler.is_compiling():
             # Eager fast path: a uniform upstream gradient (the training case, loss.sum() * scale)
             # scales the gradients the forward computed, in place, so no second copy of grad_h is

@@ -48,10 +48,15 @@ def all_reduce_sums(count: Tensor, memory: Tensor, group: object | None = None) 
 
 
 def apply_ema_(codebooks: Tensor, counts: Tensor, count: Tensor, memory: Tensor, decay: float) -> None:
-    """In place: ``counts = d*counts + (1-d)*count`` and likewise for sums, where ``count > 0``."""
+    """In place: ``counts = d*counts + (1-d)*count`` and likewise for sums, where ``count > 0``.
+
+    ``memory`` is overwritten (it holds ``(1-d)*memory`` afterwards): the blend runs in place, with the
+    rounding of the expression above (each product rounded, then their sum).
+    """
     alpha = torch.where(count != 0, torch.tensor(decay, dtype=count.dtype, device=count.device), 1.0)
-    counts.copy_(alpha * counts + (1 - alpha) * count)
-    codebooks.copy_(alpha.unsqueeze(-1) * codebooks + (1 - alpha).unsqueeze(-1) * memory)
+    beta = 1 - alpha
+    counts.mul_(alpha).add_(beta * count)
+    codebooks.mul_(alpha.unsqueeze(-1)).add_(memory.mul_(beta.unsqueeze(-1)))
 
 
 @torch.no_grad()
