@@ -2,8 +2,10 @@
 //
 // assign_codes: rows are processed in blocks; each block is multiplied by the codebook in one BLAS
 // call (every thread) into a reused (block, K) buffer, which OpenMP threads reduce at once to a
-// running argmin per row, so no (N, K) distance matrix is ever written. segment_sums: each thread accumulates its rows into its own
-// partial (C, K, D) sums, merged at the end: no atomics, deterministic for a given thread count.
+// running argmin per row, so no (N, K) distance matrix is ever written. segment_sums: when the codebooks
+// divide evenly among the threads, each thread owns whole codebooks and adds their rows in order (no
+// partial buffers; the result does not depend on the thread count); otherwise each thread accumulates
+// its rows into its own partial (C, K, D) sums, merged at the end. No atomics either way.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -70,6 +72,18 @@ SPIDR_CLONES int64_t row_argmin(const float* __restrict dots, const float* __res
   return arg;
 }
 
+// One codeword: out = sums / count (a true division, as the reference computes it) and its squared norm.
+SPIDR_CLONES float codeword_row(float* __restrict out, const float* __restrict sums, float count, int64_t D) {
+  float norm = 0.0f;
+#pragma omp simd reduction(+ : norm)
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = sums[d] / count;
+    out[d] = v;
+    norm += v * v;
+  }
+  return norm;
+}
+
 void check_assign_args(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& counts) {
   check_cpu(x, "x");
   check_cpu(codebooks, "codebooks");
@@ -93,8 +107,20 @@ at::Tensor assign_codes_cpu(const at::Tensor& x_in, const at::Tensor& codebooks,
   auto labels = at::empty({C, N}, x_in.options().dtype(at::kLong));
   if (N == 0) return labels;
   const auto x = x_in.detach().contiguous();
-  const auto codewords = (codebooks.detach() / counts.detach().unsqueeze(-1)).contiguous();
-  const auto norms = codewords.square().sum(-1).contiguous();  // (C, K)
+  // The codewords and their squared norms (C, K), in one pass over the codebooks.
+  const auto sums = codebooks.detach().contiguous();
+  const auto totals = counts.detach().contiguous();
+  auto codewords = at::empty({C, K, D}, sums.options());
+  auto norms = at::empty({C, K}, sums.options());
+  {
+    const float* sp = sums.data_ptr<float>();
+    const float* tp = totals.data_ptr<float>();
+    float* wp = codewords.data_ptr<float>();
+    float* np = norms.data_ptr<float>();
+    at::parallel_for(0, C * K, 16, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) np[i] = codeword_row(wp + i * D, sp + i * D, tp[i], D);
+    });
+  }
   const bool convert = x.scalar_type() != at::kFloat;
   const float* norms_ptr = norms.data_ptr<float>();
   int64_t* labels_ptr = labels.data_ptr<int64_t>();
@@ -132,21 +158,42 @@ std::tuple<at::Tensor, at::Tensor> segment_sums_cpu(const at::Tensor& x_in, cons
   const int64_t C = x_in.size(0), N = x_in.size(1), D = x_in.size(2), K = num_codewords;
   auto fopts = x_in.options().dtype(at::kFloat);
   auto count = at::zeros({C, K}, fopts);
-  auto memory = at::zeros({C, K, D}, fopts);
-  if (N == 0 || C == 0) return {count, memory};
+  if (N == 0 || C == 0) return {count, at::zeros({C, K, D}, fopts)};
   const auto labels = labels_in.contiguous();
   const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < K, "labels must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");
   const auto x = x_in.detach().to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  const int64_t* lp = labels.data_ptr<int64_t>();
 
   // A few threads saturate memory bandwidth here; more would only multiply the partial buffers.
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({max_threads(), 8, (N + 63) / 64})));
+  if (C % threads == 0 || C >= 4 * threads) {
+    // Enough codebooks to share evenly: each thread owns whole codebooks, zeroes their sums and adds
+    // their rows in order. No partial buffers, no merge, and the result does not depend on the thread
+    // count.
+    auto memory = at::empty({C, K, D}, fopts);
+    float* out = memory.data_ptr<float>();
+    float* cp = count.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < C; ++c) {
+      float* sums = out + c * K * D;
+      std::fill(sums, sums + K * D, 0.0f);
+      std::vector<int64_t> counts(static_cast<size_t>(K), 0);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t k = lp[c * N + n];
+        ++counts[static_cast<size_t>(k)];
+        add_row(sums + k * D, xp + (c * N + n) * D, D);
+      }
+      for (int64_t k = 0; k < K; ++k) cp[c * K + k] = static_cast<float>(counts[static_cast<size_t>(k)]);
+    }
+    return {count, memory};
+  }
+  auto memory = at::zeros({C, K, D}, fopts);
   const int64_t stride = C * K * D;
   // Thread 0 accumulates straight into the output; threads 1.. into their own partial sums.
   auto partial_sums = at::zeros({threads - 1, C, K, D}, fopts);
   std::vector<int64_t> partial_counts(static_cast<size_t>(threads) * C * K, 0);
-  const float* xp = x.data_ptr<float>();
-  const int64_t* lp = labels.data_ptr<int64_t>();
   float* pp = partial_sums.data_ptr<float>();
   float* out = memory.data_ptr<float>();
 
