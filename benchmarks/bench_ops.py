@@ -4,7 +4,8 @@
     python benchmarks/bench_ops.py --device cuda    # GPU rows: torch, release, triton, cuda, floor
     python benchmarks/bench_ops.py --quick          # small shapes, a smoke run
 
-Rows per operation:
+Three tables: assignment + EMA update; the loss with h (C, N, D), one per head (SpidR); the loss with one
+(N, D) h shared by all heads (DinoSR). Rows per table:
 - ``torch``: our reference backend (plain PyTorch, no one-hot, one head's logits at a time);
 - ``release``: the reference release's formulation, rewritten from SPEC 1.5/1.6 (addmm, argmin,
   one_hot, one_hot.T @ x; per-head Linear + log_softmax + sum(-onehot * logp), autograd);
@@ -38,20 +39,25 @@ from benchmarks.harness import Row, Suite, machine_line, time_it
 
 FULL_SHAPE = (8, 9500, 768, 256)  # C, N, D, K: one 3.8 M-sample batch
 QUICK_SHAPE = (2, 500, 64, 32)
-OPS = ("assign+update", "loss fwd+bwd")
+OPS = ("assign+update", "loss fwd+bwd", "loss fwd+bwd, shared h")
+SHARED = "loss fwd+bwd, shared h"  # DinoSR: one (N, D) h for all heads; SpidR: (C, N, D), one per head
 
 
 # ----------------------------------------------------------------------------- workloads
 def make_inputs(c: int, n: int, d: int, k: int, device: str, seed: int = 0) -> dict:
+    """Inputs of both ops; ``h`` is (C, N, D) (SpidR, one per head) and ``h_shared`` (N, D) (DinoSR)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(c, n, d, generator=g)
     codebooks = torch.randn(c, k, d, generator=g) * 3
     counts = torch.full((c, k), 3.0)
     h = torch.randn(c, n, d, generator=g)
+    h_shared = h[0].clone()
     weight = torch.randn(c, k, d, generator=g) * 0.02
     bias = torch.zeros(c, k)
     labels = torch.randint(0, k, (c, n), generator=g)
-    tensors = dict(x=x, codebooks=codebooks, counts=counts, h=h, weight=weight, bias=bias, labels=labels)
+    tensors = dict(
+        x=x, codebooks=codebooks, counts=counts, h=h, h_shared=h_shared, weight=weight, bias=bias, labels=labels
+    )
     return {name: t.to(device) for name, t in tensors.items()}
 
 
@@ -91,9 +97,9 @@ def floor_assign(inp: dict) -> Callable[[], None]:
     return run
 
 
-def loss_leaves(inp: dict) -> Callable[[], tuple[torch.Tensor, ...]]:
+def loss_leaves(inp: dict, shared: bool = False) -> Callable[[], tuple[torch.Tensor, ...]]:
     """Leaves made once; each call drops the previous gradients (so backward allocates them, as in training)."""
-    leaves = tuple(inp[k].clone().requires_grad_() for k in ("h", "weight", "bias"))
+    leaves = tuple(inp[k].clone().requires_grad_() for k in ("h_shared" if shared else "h", "weight", "bias"))
 
     def fresh() -> tuple[torch.Tensor, ...]:
         for leaf in leaves:
@@ -103,15 +109,15 @@ def loss_leaves(inp: dict) -> Callable[[], tuple[torch.Tensor, ...]]:
     return fresh
 
 
-def release_loss(inp: dict) -> Callable[[], None]:
-    leaves = loss_leaves(inp)
+def release_loss(inp: dict, shared: bool = False) -> Callable[[], None]:
+    leaves = loss_leaves(inp, shared)
 
     def run() -> None:
         h, weight, bias = leaves()
         k = weight.shape[1]
-        losses = torch.zeros(h.shape[1], device=h.device)
+        losses = torch.zeros(h.shape[-2], device=h.device)
         for i in range(weight.shape[0]):
-            log_probs = torch.log_softmax(F.linear(h[i], weight[i], bias[i]), dim=-1)
+            log_probs = torch.log_softmax(F.linear(h if shared else h[i], weight[i], bias[i]), dim=-1)
             losses = losses + torch.sum(-F.one_hot(inp["labels"][i], k).float() * log_probs, dim=-1)
         (losses / weight.shape[0]).sum().backward()
 
@@ -119,8 +125,8 @@ def release_loss(inp: dict) -> Callable[[], None]:
     return run
 
 
-def backend_loss(name: str, inp: dict) -> Callable[[], None]:
-    leaves = loss_leaves(inp)
+def backend_loss(name: str, inp: dict, shared: bool = False) -> Callable[[], None]:
+    leaves = loss_leaves(inp, shared)
 
     def run() -> None:
         h, weight, bias = leaves()
@@ -132,19 +138,23 @@ def backend_loss(name: str, inp: dict) -> Callable[[], None]:
     return run
 
 
-def floor_loss(inp: dict) -> Callable[[], None]:
-    h, weight = inp["h"], inp["weight"]
-    c, n, d = h.shape
-    k = weight.shape[1]
+def floor_loss(inp: dict, shared: bool = False) -> Callable[[], None]:
+    h, weight = (inp["h_shared"] if shared else inp["h"]), inp["weight"]
+    c, k, d = weight.shape
+    n = h.shape[-2]
     logits = torch.empty(n, k, device=h.device)
     grad_h = torch.empty(n, d, device=h.device)
     grad_w = torch.empty(k, d, device=h.device)
 
     def run() -> None:
         for i in range(c):
-            torch.mm(h[i], weight[i].t(), out=logits)
-            torch.mm(logits, weight[i], out=grad_h)
-            torch.mm(logits.t(), h[i], out=grad_w)
+            hi = h if shared else h[i]
+            torch.mm(hi, weight[i].t(), out=logits)
+            if shared and i > 0:  # one gradient of h for all heads: accumulated
+                torch.addmm(grad_h, logits, weight[i], out=grad_h)
+            else:
+                torch.mm(logits, weight[i], out=grad_h)
+            torch.mm(logits.t(), hi, out=grad_w)
 
     return run
 
@@ -160,6 +170,10 @@ def workloads(inp: dict, device: str) -> list[tuple[str, str, Callable[[], objec
     rows.append(("loss fwd+bwd", "release", release_loss(inp)))
     rows += [("loss fwd+bwd", b, backend_loss(b, inp)) for b in usable if b != "torch"]
     rows.append(("loss fwd+bwd", "floor", floor_loss(inp)))
+    rows.append((SHARED, "torch", backend_loss("torch", inp, shared=True)))
+    rows.append((SHARED, "release", release_loss(inp, shared=True)))
+    rows += [(SHARED, b, backend_loss(b, inp, shared=True)) for b in usable if b != "torch"]
+    rows.append((SHARED, "floor", floor_loss(inp, shared=True)))
     return rows
 
 
@@ -250,6 +264,11 @@ def run_suite(
         if memory:
             peak = cuda_peak_mb(fn) if device == "cuda" else cpu_peak_mb(op, name, (c, n, d, k))
             row.extra["peak MB"] = round(peak, 1)
+            if op != "assign+update" and name != "floor":
+                # Beyond the gradients of h, weight and bias every path must return (float32).
+                h_numel = n * d if op == SHARED else c * n * d
+                grads_mb = (h_numel + c * k * d + c * k) * 4 / 2**20
+                row.extra["beyond grads MB"] = round(max(0.0, peak - grads_mb), 1)
         rows.append((op, row))
     note = roofline(device, c, n, d, k, rows)
     suites = []
@@ -258,13 +277,23 @@ def run_suite(
         floor = next(r.median_s for r in group if r.name == "floor")
         for r in group:
             r.extra = {"vs floor": round(r.median_s / floor, 2), **r.extra}
-        what = "assignment + EMA update" if op == "assign+update" else "masked-prediction loss, forward + backward"
+        what = {
+            "assign+update": "assignment + EMA update",
+            "loss fwd+bwd": "masked-prediction loss, forward + backward, h (C, N, D) (SpidR)",
+            SHARED: "masked-prediction loss, forward + backward, shared h (N, D) (DinoSR)",
+        }[op]
         notes = [
             f"C={c} N={n} D={d} K={k}, float32, {device}. Median of {repeats} runs after a warm-up. `release`: the "
             "release's formulation rewritten from SPEC 1.5/1.6; `floor`: the float32 GEMMs the operation cannot "
             "avoid, into preallocated outputs."
             + ("" if memory else " Peak memory not measured (--quick or --no-memory).")
         ]
+        if memory and op != "assign+update":
+            notes.append(
+                "peak MB: growth of the peak resident set (CPU) or of the peak allocation (CUDA) during one run, "
+                "gradients included; beyond grads MB: the same less the float32 gradients of h, weight and bias "
+                "that every row returns (the op's working memory)."
+            )
         if op == OPS[-1]:
             notes.append(note)
         suites.append(

@@ -48,10 +48,14 @@ def test_python_m_benchmarks_quick_ops(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "GPU:" in lines[0] and "torch" in lines[0]  # the machine first
-    assert result.stdout.count("### spidr.ops") == 2
+    assert result.stdout.count("### spidr.ops") == 3
     report = json.loads(out.read_text())
     assert report["machine"] == lines[0]
-    assert [s["name"] for s in report["suites"]] == ["ops/assign+update", "ops/loss fwd+bwd"]
+    assert [s["name"] for s in report["suites"]] == [
+        "ops/assign+update",
+        "ops/loss fwd+bwd",
+        "ops/loss fwd+bwd, shared h",
+    ]
     for suite in report["suites"]:
         assert suite["reference"] == "torch"
         names = [r["name"] for r in suite["rows"]]
@@ -250,7 +254,7 @@ def test_gpu_sh_dry_run(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert "collected" in (out / "gpu_tests.log").read_text()
     ops_report = json.loads((out / "ops.json").read_text())
-    assert len(ops_report["suites"]) == 2
+    assert len(ops_report["suites"]) == 3  # assign+update, loss with h (C, N, D), loss with shared h
     step_report = json.loads((out / "step.json").read_text())
     assert [r["name"] for r in step_report["suites"][0]["rows"]] == ["ours", "ours-torch"]
     projection = json.loads((out / "project_400k.json").read_text())["projection"]
