@@ -12,8 +12,10 @@ Three tables: assignment + EMA update; the loss with h (C, N, D), one per head (
 - one row per compiled or Triton backend usable on the device;
 - ``floor``: the float32 GEMMs the operation cannot avoid, into preallocated outputs (assignment:
   x @ c^T per codebook; loss: logits, grad_h and grad_weight GEMMs per head).
-Times are the median of ``--repeats`` runs after a warm-up, with the spread (min-max); ``ratio`` (vs
-``torch``, the reference row) and ``vs floor`` are ratios of medians. Peak memory is the growth of the peak
+The rows of a table are timed in turn, round robin (each round runs every row once), so that a drift of
+the machine's speed hits them alike. Times are the median of ``--repeats`` rounds after a warm-up, with the
+spread (min-max); ``ratio`` (vs ``torch``, the reference row) is a ratio of medians and ``vs floor`` the
+median over rounds of the row's time over the floor's time in the same round. Peak memory is the growth of the peak
 resident set during one run (CPU: in a fresh subprocess per row, after a warm-up run, from /proc) or the CUDA
 peak allocation during one run, beyond what was allocated before it: the op's working memory, gradients
 included. ``python -m benchmarks --only ops`` runs the same two tables through :func:`run_suite`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +38,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spidr.ops as ops
-from benchmarks.harness import Row, Suite, machine_line, time_it
+from benchmarks.harness import Row, Suite, machine_line, paired_ratio, time_interleaved, time_it
 
 FULL_SHAPE = (8, 9500, 768, 256)  # C, N, D, K: one 3.8 M-sample batch
 QUICK_SHAPE = (2, 500, 64, 32)
@@ -250,7 +253,8 @@ def run_suite(
         memory: measure each row's peak memory (default: unless ``quick``; on the CPU it costs a subprocess
             per row).
 
-    Each row's ``extra`` holds ``vs floor`` (median / the floor row's median) and ``peak MB``.
+    The rows of each table are timed round robin (:func:`benchmarks.harness.time_interleaved`). Each row's
+    ``extra`` holds ``vs floor`` (the median over rounds of its time over the floor's) and ``peak MB``.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -258,9 +262,15 @@ def run_suite(
     memory = not quick if memory is None else memory
     inp = make_inputs(c, n, d, k, device)
     rows: list[tuple[str, Row]] = []
-    for op, name, fn in workloads(inp, device):
-        median, low, high = time_it(fn, repeats=repeats, device=device)
-        row = Row(name=name, median_s=median, min_s=low, max_s=high, runs=max(1, repeats))
+    timed = workloads(inp, device)
+    times: dict[tuple[str, str], list[float]] = {}
+    for op in OPS:
+        fns = {name: fn for o, name, fn in timed if o == op}
+        times.update({(op, name): t for name, t in time_interleaved(fns, repeats=repeats, device=device).items()})
+    for op, name, fn in timed:
+        t = times[(op, name)]
+        row = Row(name=name, median_s=statistics.median(t), min_s=min(t), max_s=max(t), runs=len(t))
+        row.extra["vs floor"] = round(paired_ratio(t, times[(op, "floor")]), 2)
         if memory:
             peak = cuda_peak_mb(fn) if device == "cuda" else cpu_peak_mb(op, name, (c, n, d, k))
             row.extra["peak MB"] = round(peak, 1)
@@ -274,17 +284,15 @@ def run_suite(
     suites = []
     for op in OPS:
         group = [r for o, r in rows if o == op]
-        floor = next(r.median_s for r in group if r.name == "floor")
-        for r in group:
-            r.extra = {"vs floor": round(r.median_s / floor, 2), **r.extra}
         what = {
             "assign+update": "assignment + EMA update",
             "loss fwd+bwd": "masked-prediction loss, forward + backward, h (C, N, D) (SpidR)",
             SHARED: "masked-prediction loss, forward + backward, shared h (N, D) (DinoSR)",
         }[op]
         notes = [
-            f"C={c} N={n} D={d} K={k}, float32, {device}. Median of {repeats} runs after a warm-up. `release`: the "
-            "release's formulation rewritten from SPEC 1.5/1.6; `floor`: the float32 GEMMs the operation cannot "
+            f"C={c} N={n} D={d} K={k}, float32, {device}. Rows timed round robin; median of {repeats} rounds after "
+            "a warm-up; vs floor: median over rounds of the row's time / the floor's in the same round. `release`: "
+            "the release's formulation rewritten from SPEC 1.5/1.6; `floor`: the float32 GEMMs the operation cannot "
             "avoid, into preallocated outputs."
             + ("" if memory else " Peak memory not measured (--quick or --no-memory).")
         ]

@@ -119,6 +119,36 @@ def time_it(
     return statistics.median(times), min(times), max(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu"
+) -> dict[str, list[float]]:
+    """Time several workloads in turn, round robin: each round runs every workload once, starting one later.
+
+    On a shared machine whose speed drifts over seconds, one-after-the-other timings compare different
+    moments; round robin spreads each workload over the same moments, and pairs of times taken in one
+    round can be compared directly (see :func:`paired_ratio`). Returns each workload's times in seconds,
+    in round order.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max(1, repeats)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``times[i] / reference[i]`` (both from one :func:`time_interleaved` call)."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
+
+
 def measure(
     name: str, fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device: str = "cpu", note: str = ""
 ) -> Row:

@@ -1,7 +1,7 @@
 // CPU masked-prediction loss: fused linear + cross-entropy by row blocks, forward and gradients in one pass.
 //
 // For each block of rows and each head: the block's logits by one BLAS call (all threads) into a
-// reused (block, K) buffer; an OpenMP epilogue over the block's rows (online log-sum-exp, loss
+// reused (block, K) buffer; an OpenMP epilogue over the block's rows (log-sum-exp with one exp per logit, loss
 // terms, softmax, and with gradients g = (softmax - onehot) * scale in place); then g is reduced at
 // once into grad_h (g @ W) and grad_weight (g^T @ h) by two more BLAS calls. Three GEMMs per block
 // and head, the floor of this loss: the gradients are computed in the forward pass and only scaled
@@ -61,58 +61,78 @@ struct PassOutput {
   at::Tensor loss, mean_probs, grad_h, grad_weight, grad_bias;
 };
 
-// The row-wise epilogue of one (rows, K) block of logits, in place. Per row: an online log-sum-exp in
-// one pass over the logits, lane-wise (each of the 16 lanes keeps the running maximum m and the sum of
-// exp(logit - m) of its codewords k = lane mod 16, rescaling its sum when its maximum grows; the lanes
-// are merged at the end); then, in a second pass, the softmax, its column sums (probs_sum) and, when
-// grad_scale is given, g = (softmax - onehot) * grad_scale[row] in place with its column sums
-// (grad_bias_sum). Returns the loss term log-sum-exp - logit[label] of each row in loss_terms. Cloned per
+// The row-wise epilogue of one (rows, K) block of h W^T, in place. Per row, three passes over the row
+// while it sits in L1: the bias added and the maximum m of the logits; p = exp(logit - m) stored in place with their sum s (one exp per
+// logit); then the softmax p / s, its column sums (probs_sum) and, when grad_scale is given,
+// g = (softmax - onehot) * grad_scale[row] in place with its column sums (grad_bias_sum). Returns the loss
+// term log(s) - (logit[label] - m) = log-sum-exp - logit[label] of each row in loss_terms. Cloned per
 // instruction set (SPIDR_CLONES) and chosen at run time.
-SPIDR_CLONES void block_epilogue(float* __restrict logits, int64_t rows, int64_t K, const int64_t* __restrict labels,
+SPIDR_CLONES void block_epilogue(float* __restrict logits, const float* __restrict bias, int64_t rows, int64_t K,
+                                 const int64_t* __restrict labels,
                                  float* __restrict loss_terms, float* __restrict probs_sum,
                                  const float* __restrict grad_scale, float* __restrict grad_bias_sum) {
   const int64_t full = K / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict row = logits + r * K;
-    const int64_t label = labels[r];
-    const float label_logit = row[label];
-    Vec lane_max = splat(-std::numeric_limits<float>::max()), lane_sum = splat(0.0f);
+    Vec lane_max = splat(-std::numeric_limits<float>::max());
     for (int64_t k = 0; k < full; k += kLanes) {
-      const Vec x = load(row + k), grown = vmax(lane_max, x);
-      lane_sum = lane_sum * exp_nonpositive(lane_max - grown) + exp_nonpositive(x - grown);
-      lane_max = grown;
+      const Vec x = load(row + k) + load(bias + k);
+      store(row + k, x);
+      lane_max = vmax(lane_max, x);
     }
     float m = -std::numeric_limits<float>::max();
     for (int64_t l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m;
-    for (int64_t k = full; k < K; ++k) m = row[k] > m ? row[k] : m;
-    const Vec rescaled = lane_sum * exp_nonpositive(lane_max - m);
+    for (int64_t k = full; k < K; ++k) {
+      row[k] += bias[k];
+      m = row[k] > m ? row[k] : m;
+    }
+    const int64_t label = labels[r];
+    const float label_logit = row[label];
+    const Vec mv = splat(m);
+    Vec lane_sum = splat(0.0f);
+    for (int64_t k = 0; k < full; k += kLanes) {
+      const Vec e = exp_nonpositive(load(row + k) - mv);
+      store(row + k, e);
+      lane_sum += e;
+    }
     float s = 0.0f;
-    for (int64_t l = 0; l < kLanes; ++l) s += rescaled[l];
-    for (int64_t k = full; k < K; ++k) s += exp_nonpositive(row[k] - m);
+    for (int64_t l = 0; l < kLanes; ++l) s += lane_sum[l];
+    for (int64_t k = full; k < K; ++k) {
+      row[k] = exp_nonpositive(row[k] - m);
+      s += row[k];
+    }
     // -log_softmax[label] = log(sum exp(logit - max)) - (logit[label] - max)
     loss_terms[r] = std::log(s) - (label_logit - m);
     const float inv = 1.0f / s;
-    const float g = grad_scale != nullptr ? grad_scale[r] : 0.0f;
-    for (int64_t k = 0; k < full; k += kLanes) {
-      const Vec p = exp_nonpositive(load(row + k) - m) * inv;
-      store(probs_sum + k, load(probs_sum + k) + p);
-      if (grad_scale != nullptr) {
-        const Vec q = p * g;
+    const Vec invv = splat(inv);
+    if (grad_scale != nullptr) {
+      const float g = grad_scale[r];
+      const Vec gv = splat(g);
+      for (int64_t k = 0; k < full; k += kLanes) {
+        const Vec p = load(row + k) * invv;
+        store(probs_sum + k, load(probs_sum + k) + p);
+        const Vec q = p * gv;
         store(row + k, q);
         store(grad_bias_sum + k, load(grad_bias_sum + k) + q);
-      } else {
+      }
+      for (int64_t k = full; k < K; ++k) {
+        const float p = row[k] * inv;
+        probs_sum[k] += p;
+        row[k] = p * g;
+        grad_bias_sum[k] += row[k];
+      }
+      row[label] -= g;  // the one-hot term of the gradient
+      grad_bias_sum[label] -= g;
+    } else {
+      for (int64_t k = 0; k < full; k += kLanes) {
+        const Vec p = load(row + k) * invv;
+        store(probs_sum + k, load(probs_sum + k) + p);
         store(row + k, p);
       }
-    }
-    for (int64_t k = full; k < K; ++k) {
-      const float p = exp_nonpositive(row[k] - m) * inv;
-      probs_sum[k] += p;
-      row[k] = grad_scale != nullptr ? p * g : p;
-      if (grad_scale != nullptr) grad_bias_sum[k] += row[k];
-    }
-    if (grad_scale != nullptr) {  // the one-hot term of the gradient
-      row[label] -= g;
-      grad_bias_sum[label] -= g;
+      for (int64_t k = full; k < K; ++k) {
+        row[k] *= inv;
+        probs_sum[k] += row[k];
+      }
     }
   }
 }
@@ -180,10 +200,11 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
       auto hb = (a.shared ? h : h.select(0, i)).narrow(0, r0, rows);
       if (convert) hb = staged.narrow(0, 0, rows).copy_(hb);
       const auto wi = wf.select(0, i);
-      at::addmm_out(lg, bf.select(0, i), hb, wi.t());
+      at::mm_out(lg, hb, wi.t());  // the bias is added by the epilogue, in the same pass as the maximum
       const int64_t* lab = labels.data_ptr<int64_t>() + i * a.N + r0;
       const float* gs = want_grads ? scale.data_ptr<float>() + r0 : nullptr;
       float* lp = lg.data_ptr<float>();
+      const float* bias_ptr = bf.data_ptr<float>() + i * a.K;
       float* tp = terms.data_ptr<float>();
       partial.zero_();
 #pragma omp parallel num_threads(threads)
@@ -191,7 +212,7 @@ PassOutput fused_pass(const at::Tensor& h_in, const at::Tensor& weight, const at
         const int t = thread_id(), nt = team_size();
         const int64_t per = (rows + nt - 1) / nt, begin = std::min(rows, t * per), end = std::min(rows, begin + per);
         float* mine = partial_ptr + t * 2 * a.K;
-        block_epilogue(lp + begin * a.K, end - begin, a.K, lab + begin, tp + begin, mine,
+        block_epilogue(lp + begin * a.K, bias_ptr, end - begin, a.K, lab + begin, tp + begin, mine,
                        gs == nullptr ? nullptr : gs + begin, mine + a.K);
       }
       for (int t = 0; t < threads; ++t) {
