@@ -11,8 +11,11 @@ checkpoint is not downloaded here; the compute is the same). Rows:
   standardise the waveform, ``get_intermediate_outputs`` (every layer), keep layer 6, ``torch.save``;
 - ``per-file, stop at layer``: the same loop with our ``num_layers=6`` (no batching);
 - ``spidr.extract``: the CLI's code path (``spidr.extract.extract``): files sorted by length, batched by
-  ``--batch-seconds`` with attention masks, layers computed up to 6, audio decoded in a background thread,
-  atomic writes, index.
+  ``--batch-seconds`` (on the CPU packed: each file's conv features alone, the transformer on all the
+  batch's frames end to end with attention within each file, no padded frame computed), layers computed up
+  to 6, audio decoded in a background thread, atomic writes, index.
+
+The rows are timed round robin, so a drift of the machine's speed hits them alike.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import Suite, machine_line, measure
+from benchmarks.harness import Row, Suite, machine_line, paired_ratio, time_interleaved
 from spidr.config import SpidRConfig
 from spidr.data.audio import load_audio
 from spidr.extract import extract
@@ -83,11 +87,15 @@ def run_suite(*, repeats: int = 5, quick: bool = False, device: str = "cpu", bat
         )
 
     try:
+        fns = {"per-file": lambda: per_file(False), "per-file, stop at layer": lambda: per_file(True)}
+        fns["spidr.extract"] = batched
+        times = time_interleaved(fns, repeats=repeats, device=device)
         rows = [
-            measure("per-file", lambda: per_file(False), repeats=repeats, device=device),
-            measure("per-file, stop at layer", lambda: per_file(True), repeats=repeats, device=device),
-            measure("spidr.extract", batched, repeats=repeats, device=device),
+            Row(name=name, median_s=statistics.median(t), min_s=min(t), max_s=max(t), runs=len(t))
+            for name, t in times.items()
         ]
+        for row in rows:
+            row.extra["vs per-file (paired)"] = round(paired_ratio(times[row.name], times["per-file"]), 3)
         for path in (work / "loop").rglob("*.pt"):  # same numbers from both paths
             other = torch.load(work / "cli" / path.relative_to(work / "loop"), weights_only=True)
             mine = torch.load(path, weights_only=True)
@@ -102,7 +110,11 @@ def run_suite(*, repeats: int = 5, quick: bool = False, device: str = "cpu", bat
         title=f"Extraction of layer {layer}, {len(files)} files ({seconds:.1f} s of speech), {size}, {device}",
         rows=rows,
         reference="per-file",
-        notes=[f"spidr.extract with --batch-seconds {batch_seconds:g}; outputs of both paths checked equal (1e-4)."],
+        notes=[
+            f"spidr.extract with --batch-seconds {batch_seconds:g}; outputs of both paths checked equal (1e-4). "
+            "Rows timed round robin (each round runs every row once); vs per-file (paired): median over rounds "
+            "of the row's time over the per-file loop's in the same round."
+        ],
     ).finish()
 
 

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import errno
 import io
+import itertools
 import json
 import logging
 import math
@@ -249,36 +250,74 @@ class Extractor:
     def frames(self, num_samples: int) -> int:
         return num_frames(num_samples, self.conv_layers)
 
+    @property
+    def packed(self) -> bool:
+        """Whether batches run packed: each waveform's conv features alone, then the transformer on all of
+        them end to end (``segments``), so no padded frame is ever computed. On the CPU with a layer-norm
+        extractor (its features do not depend on the utterance as a whole), except for codebook units (their
+        heads read the padded batch). Elsewhere batches are padded and masked."""
+        return self.device.type == "cpu" and self.local_extractor and self.units != "codebook"
+
     @torch.inference_mode()
     def __call__(self, waveforms: Sequence[Tensor]) -> list[dict[int, Tensor]]:
         """Per waveform (1-D, standardised, at least ``min_samples`` long): layer -> (frames, D) features, or
-        layer -> (frames,) int64 units. Waveforms of different lengths are padded and masked."""
+        layer -> (frames,) int64 units. Waveforms of different lengths are padded and masked, or packed
+        (:attr:`packed`)."""
         lengths = [int(w.shape[0]) for w in waveforms]
-        longest = max(lengths)
-        batch = torch.zeros(len(waveforms), longest)
-        for row, wav in enumerate(waveforms):
-            batch[row, : wav.shape[0]] = wav
-        batch = batch.to(self.device, non_blocking=True)
         frames = [self.frames(n) for n in lengths]
-        mask = None
-        if any(n != longest for n in lengths):
-            total = self.frames(longest)
-            mask = (torch.arange(total) < torch.tensor(frames).unsqueeze(1)).view(len(lengths), 1, 1, total)
-            mask = mask.to(self.device)
         use_autocast = self.dtype != torch.float32
         extractor = self.model.feature_extractor
         previous, extractor.gemm_on_cpu = extractor.gemm_on_cpu, True
         try:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
-                per_layer = self._run(batch, mask, lengths, frames)
+                if self.packed:
+                    return self._run_packed(waveforms, frames)
+                return self._run_padded(waveforms, lengths, frames)
         finally:
             extractor.gemm_on_cpu = previous
-        out = []
-        for row, count in enumerate(frames):
-            out.append({layer: values[row, :count] for layer, values in per_layer.items()})
-        return out
 
-    def _features(self, batch: Tensor, lengths: list[int], frames: list[int]) -> Tensor:
+    def _run_packed(self, waveforms: Sequence[Tensor], frames: list[int]) -> list[dict[int, Tensor]]:
+        model = self.model
+        rows = []
+        for wav in waveforms:
+            wav = wav.to(self.device).unsqueeze(0)
+            model._check_inputs(wav, None)
+            rows.append(model._features(wav))
+        x = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        outputs = model.student.get_intermediate_outputs(x, None, max(self.layers), segments=frames)
+        per_layer = {layer: self._finish(outputs[layer - 1][0]) for layer in self.layers}
+        return [
+            {layer: values[start:stop] for layer, values in per_layer.items()}
+            for start, stop in itertools.pairwise(itertools.accumulate(frames, initial=0))
+        ]
+
+    def _run_padded(
+        self, waveforms: Sequence[Tensor], lengths: list[int], frames: list[int]
+    ) -> list[dict[int, Tensor]]:
+        longest = max(lengths)
+        batch = torch.zeros(len(waveforms), longest)
+        for row, wav in enumerate(waveforms):
+            batch[row, : wav.shape[0]] = wav
+        batch = batch.to(self.device, non_blocking=True)
+        mask = None
+        if any(n != longest for n in lengths):
+            total = self.frames(longest)
+            mask = (torch.arange(total) < torch.tensor(frames).unsqueeze(1)).view(len(lengths), 1, 1, total)
+            mask = mask.to(self.device)
+        model = self.model
+        model._check_inputs(batch, mask)
+        x = self._padded_features(batch, lengths, frames)
+        if self.units == "codebook":
+            units = model.units_from_features(x, mask)
+            per_layer = {layer: units[layer - 1] for layer in self.layers}
+        else:
+            outputs = model.student.get_intermediate_outputs(x, mask, max(self.layers))
+            per_layer = {layer: self._finish(outputs[layer - 1]) for layer in self.layers}
+        return [
+            {layer: values[row, :count] for layer, values in per_layer.items()} for row, count in enumerate(frames)
+        ]
+
+    def _padded_features(self, batch: Tensor, lengths: list[int], frames: list[int]) -> Tensor:
         """The projected conv features (batch, frames, dim). The conv extractor is local (layer-norm mode), so
         on the CPU each row runs alone on its own samples: the batched convolution's (batch, 512, samples / 5)
         activations fall out of cache and run several times slower; on a GPU the padded batch runs at once.
@@ -293,24 +332,17 @@ class Extractor:
             out[row, : values.shape[1]] = values[0]
         return out
 
-    def _run(self, batch: Tensor, mask: Tensor | None, lengths: list[int], frames: list[int]) -> dict[int, Tensor]:
-        model = self.model
-        model._check_inputs(batch, mask)
-        x = self._features(batch, lengths, frames)
-        if self.units == "codebook":
-            units = model.units_from_features(x, mask)
-            return {layer: units[layer - 1] for layer in self.layers}
-        outputs = model.student.get_intermediate_outputs(x, mask, max(self.layers))
+    def _finish(self, x: Tensor) -> Tensor:
+        """One layer's output (..., frames, D): the stored features (in ``dtype``) or the k-means units."""
         if self.units is None:
-            return {layer: outputs[layer - 1].to(self.dtype) for layer in self.layers}
+            return x.to(self.dtype)
         from spidr import ops
 
-        layer = self.layers[0]
-        x = outputs[layer - 1].float()
+        x = x.float()
         flat = x.reshape(1, -1, x.shape[-1])
         ones = torch.ones(1, self.centroids.shape[0], device=self.device)
         labels = ops.assign_codes(flat, self.centroids.unsqueeze(0), ones)
-        return {layer: labels.view(x.shape[0], x.shape[1])}
+        return labels.view(x.shape[:-1])
 
 
 # --------------------------------------------------------------------------- planning

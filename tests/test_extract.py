@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from spidr.data.audio import load_audio
-from spidr.extract import extract, list_inputs, plan_pieces
+from spidr.extract import Extractor, extract, list_inputs, plan_pieces
 from spidr.models.pretrained import build_model
 from tests.conftest import REPO, load_fixture
 
@@ -76,8 +76,11 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 # --------------------------------------------------------------------------- exactness
-def test_batched_padded_outputs_equal_per_file(tmp_path, model):
-    # 15 s per batch: several files of different lengths per batch, so most rows are padded.
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_batched_outputs_equal_per_file(tmp_path, model, packed, monkeypatch):
+    # 15 s per batch: several files of different lengths per batch, so most rows are padded (or packed).
+    assert Extractor(model, [1]).packed  # the CPU default for a layer-norm extractor
+    monkeypatch.setattr(Extractor, "packed", property(lambda self: packed))
     summary = extract(
         SPEECH, tmp_path, model="small", loaded_model=model, layers="1,4", batch_seconds=15, progress=False
     )
@@ -91,6 +94,26 @@ def test_batched_padded_outputs_equal_per_file(tmp_path, model):
             got = record["features"][layer]
             assert got.dtype == torch.float32 and got.shape == expected.shape == (record["frames"], 64)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_packed_sequences_equal_each_sequence_alone(model):
+    """Transformer.get_intermediate_outputs(segments=...): sequences end to end, each as if run alone."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 30, 1, 19]
+    seqs = [torch.randn(1, n, model.cfg.encoder_embed_dim, generator=g) for n in lengths]
+    with torch.inference_mode():
+        packed = model.student.get_intermediate_outputs(torch.cat(seqs, dim=1), num_layers=3, segments=lengths)
+        starts = [0, 7, 37, 38]
+        for seq, start, n in zip(seqs, starts, lengths, strict=True):
+            alone = model.student.get_intermediate_outputs(seq, num_layers=3)
+            for got, expected in zip(packed, alone, strict=True):
+                torch.testing.assert_close(got[:, start : start + n], expected, atol=1e-5, rtol=0)
+        x = torch.cat(seqs, dim=1)
+        for bad in ([7, 30, 1], [0, 57]):
+            with pytest.raises(ValueError, match="segments"):
+                model.student.get_intermediate_outputs(x, segments=bad)
+        with pytest.raises(ValueError, match="segments"):
+            model.student.get_intermediate_outputs(torch.cat([x, x]), segments=lengths)
 
 
 def test_same_names_in_two_folders_do_not_collide_and_index_lists_every_file(tmp_path, model):

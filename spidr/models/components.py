@@ -5,7 +5,9 @@ Module and parameter names follow the reference release exactly, so its checkpoi
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +57,26 @@ class ConvBlock(nn.Module):
             x = self.layer_norm(x)
         return F.gelu(x)
 
+    def _gemm_weights(self) -> list[Tensor]:
+        """The conv weight laid out for :meth:`forward_channels_last`: one (out, kernel * in) matrix when the
+        windows are one matrix, else one contiguous (in, out) matrix per tap. Outside autograd they are kept
+        until the weight changes (so a run over many files lays them out once)."""
+        weight = self.conv.weight
+        out_channels, in_channels, kernel = weight.shape
+        if kernel == self.conv.stride[0] or in_channels == 1:
+            make = lambda: [weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels)]  # noqa: E731
+        else:
+            make = lambda: [weight[:, :, j].t().contiguous() for j in range(kernel)]  # noqa: E731
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return make()
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        cached = getattr(self, "_gemm_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, [w.contiguous() for w in make()])
+            self._gemm_cache = cached
+        return cached[1]
+
     def forward_channels_last(self, x: Tensor) -> Tensor:
         """The same block on (batch, frames, channels), as one GEMM over the conv's windows.
 
@@ -65,22 +87,23 @@ class ConvBlock(nn.Module):
         (kernel,), (stride,) = conv.kernel_size, conv.stride
         batch, frames, channels = x.shape
         out_frames = (frames - kernel) // stride + 1
+        weights = self._gemm_weights()
         if kernel == stride or channels == 1:  # windows as one (frames, kernel * channels) matrix
             if kernel == stride:  # disjoint: a view of x, in (kernel, channels) order
                 windows = x[:, : out_frames * stride].reshape(batch, out_frames, kernel * channels)
             else:  # one channel: a small copy of the waveform's windows
                 windows = x.unfold(1, kernel, stride).reshape(batch, out_frames, channels * kernel)
-            weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, kernel * channels)
-            y = F.linear(windows, weight, conv.bias)
+            y = F.linear(windows, weights[0], conv.bias)
         else:  # overlapping windows: one GEMM per tap on a strided view of x (no window copy)
             span = (out_frames - 1) * stride + 1
-            taps = [conv.weight[:, :, j].t() for j in range(kernel)]
-            y = torch.matmul(x[:, 0:span:stride], taps[0])
-            for j in range(1, kernel):
-                if batch == 1 and not torch.is_grad_enabled():
-                    y[0].addmm_(x[0, j : j + span : stride], taps[j])
-                else:
-                    y = y + torch.matmul(x[:, j : j + span : stride], taps[j])
+            if batch == 1 and not torch.is_grad_enabled():  # 2-D GEMMs read the strided rows in place
+                y = torch.mm(x[0, 0:span:stride], weights[0]).unsqueeze(0)
+                for j in range(1, kernel):
+                    y[0].addmm_(x[0, j : j + span : stride], weights[j])
+            else:
+                y = torch.matmul(x[:, 0:span:stride], weights[0])
+                for j in range(1, kernel):
+                    y = y + torch.matmul(x[:, j : j + span : stride], weights[j])
             if conv.bias is not None:
                 y = y + conv.bias
         norm = self.layer_norm
@@ -182,14 +205,28 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim, bias=True)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, segments: Sequence[int] | None = None
+    ) -> Tensor:
+        """``segments``: x is (1, frames, dim) holding sequences of these lengths end to end (packed); each
+        attends only within itself, as if run alone (the projections are per frame)."""
         batch, frames, dim = x.shape
         q, k, v = (
             t.view(batch, frames, self.num_heads, dim // self.num_heads).transpose(1, 2)
             for t in self.qkv(x).split(self.embed_dim, dim=2)
         )
         dropout = self.dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        if segments is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        else:
+            x = q.new_empty(q.shape)
+            start = 0
+            for length in segments:
+                span = slice(start, start + length)
+                x[:, :, span] = F.scaled_dot_product_attention(
+                    q[:, :, span], k[:, :, span], v[:, :, span], dropout_p=dropout
+                )
+                start += length
         return self.proj(x.transpose(1, 2).reshape(batch, frames, dim))
 
 
@@ -225,13 +262,15 @@ class TransformerLayer(nn.Module):
         self.feed_forward = FeedForward(dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout)
         self.final_layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, segments: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
         residual = x
         if self.layer_norm_first:
-            x = residual + self.dropout(self.attention(self.layer_norm(x), attention_mask))
+            x = residual + self.dropout(self.attention(self.layer_norm(x), attention_mask, segments))
             y = self.feed_forward(self.final_layer_norm(x))
             return x + self.dropout(y), y
-        x = self.layer_norm(residual + self.dropout(self.attention(x, attention_mask)))
+        x = self.layer_norm(residual + self.dropout(self.attention(x, attention_mask, segments)))
         y = self.feed_forward(x)
         return self.final_layer_norm(x + self.dropout(y)), y
 
@@ -264,8 +303,12 @@ class Transformer(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def _embed(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
-        x = x + self.pos_conv_embed(x, attention_mask)
+    def _embed(self, x: Tensor, attention_mask: Tensor | None, segments: Sequence[int] | None = None) -> Tensor:
+        if segments is None:
+            x = x + self.pos_conv_embed(x, attention_mask)
+        else:  # each packed sequence convolved alone (zero padding at its own ends)
+            bounds = itertools.pairwise(itertools.accumulate(segments, initial=0))
+            x = x + torch.cat([self.pos_conv_embed(x[:, a:b]) for a, b in bounds], dim=1)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         return self.dropout(x)
@@ -293,22 +336,34 @@ class Transformer(nn.Module):
         num_layers: int | None = None,
         *,
         before_residual: bool = True,
+        segments: Sequence[int] | None = None,
     ) -> list[Tensor]:
         """One tensor per layer: the layer result ``y`` (``before_residual``) or the layer output.
 
         A layer dropped by layer drop is still computed and listed, but does not update the running
-        ``x``. ``num_layers`` stops after that many layers.
+        ``x``. ``num_layers`` stops after that many layers. ``segments`` (instead of an attention mask):
+        ``x`` is (1, frames, dim) holding sequences of these lengths end to end, each computed as if it ran
+        alone (packed: no padded frames are computed).
 
         Raises:
-            ValueError: ``num_layers`` outside [1, number of layers].
+            ValueError: ``num_layers`` outside [1, number of layers]; ``segments`` with an attention mask,
+                with a batch of more than one row, or not summing to the frames.
         """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        if segments is not None:
+            segments = [int(n) for n in segments]
+            if attention_mask is not None or x.shape[0] != 1 or sum(segments) != x.shape[1] or min(segments) < 1:
+                raise ValueError(
+                    f"segments need x of shape (1, frames, dim) with positive lengths summing to the frames and no "
+                    f"attention mask; got x {tuple(x.shape)}, {len(segments)} segments summing to {sum(segments)}, "
+                    f"mask {'given' if attention_mask is not None else 'None'}"
+                )
         outputs: list[Tensor] = []
-        x = self._embed(x, attention_mask)
+        x = self._embed(x, attention_mask, segments)
         dropped = self._dropped_layers(x.device)
         for i, layer in enumerate(self.layers):
-            out, y = layer(x, attention_mask)
+            out, y = layer(x, attention_mask, segments)
             x = out if dropped is None else torch.where(dropped[i], x, out)
             outputs.append(y if before_residual else out)
             if num_layers is not None and len(outputs) >= num_layers:
