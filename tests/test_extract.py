@@ -96,6 +96,28 @@ def test_batched_outputs_equal_per_file(tmp_path, model, packed, monkeypatch):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_bfloat16_features_are_stored_as_bfloat16_and_close(tmp_path, model, packed, monkeypatch):
+    monkeypatch.setattr(Extractor, "packed", property(lambda self: packed))
+    summary = extract(
+        SPEECH,
+        tmp_path,
+        model="small",
+        loaded_model=model,
+        layers="4",
+        batch_seconds=15,
+        dtype="bfloat16",
+        progress=False,
+    )
+    assert summary.extracted == len(WAVS) and not summary.errors
+    for wav in WAVS[:3]:
+        got = torch.load(tmp_path / wav.relative_to(SPEECH).with_suffix(".pt"), weights_only=True)["features"][4]
+        expected = per_file(model, wav, 4)
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        # bfloat16 keeps 8 bits of mantissa; over 4 layers the features move by a few percent.
+        assert (got.float() - expected).norm() / expected.norm() < 0.05
+
+
 def test_packed_sequences_equal_each_sequence_alone(model):
     """Transformer.get_intermediate_outputs(segments=...): sequences end to end, each as if run alone."""
     g = torch.Generator().manual_seed(3)

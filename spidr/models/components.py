@@ -97,9 +97,10 @@ class ConvBlock(nn.Module):
         else:  # overlapping windows: one GEMM per tap on a strided view of x (no window copy)
             span = (out_frames - 1) * stride + 1
             if batch == 1 and not torch.is_grad_enabled():  # 2-D GEMMs read the strided rows in place
-                y = torch.mm(x[0, 0:span:stride], weights[0]).unsqueeze(0)
-                for j in range(1, kernel):
-                    y[0].addmm_(x[0, j : j + span : stride], weights[j])
+                y = torch.mm(x[0, 0:span:stride], weights[0])
+                for j in range(1, kernel):  # in place, so autocast does not apply: match y's dtype
+                    y.addmm_(x[0, j : j + span : stride].to(y.dtype), weights[j].to(y.dtype))
+                y = y.unsqueeze(0)
             else:
                 y = torch.matmul(x[:, 0:span:stride], weights[0])
                 for j in range(1, kernel):
