@@ -118,6 +118,17 @@ def test_bfloat16_features_are_stored_as_bfloat16_and_close(tmp_path, model, pac
         assert (got.float() - expected).norm() / expected.norm() < 0.05
 
 
+@pytest.mark.parametrize(("kernel", "depth"), [(95, 5), (128, 1), (16, 2)])  # SpidR, DinoSR, even and small
+def test_channels_last_positional_convs_equal_the_default(kernel, depth):
+    from spidr.models.components import ConvPositionalEmbedding
+
+    torch.manual_seed(0)
+    pos = ConvPositionalEmbedding(64, kernel, 16, depth).eval()
+    x = torch.randn(2, 150, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(pos.forward_channels_last(x), pos(x), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_sequences_equal_each_sequence_alone(model):
     """Transformer.get_intermediate_outputs(segments=...): sequences end to end, each as if run alone."""
     g = torch.Generator().manual_seed(3)
@@ -129,7 +140,7 @@ def test_packed_sequences_equal_each_sequence_alone(model):
         for seq, start, n in zip(seqs, starts, lengths, strict=True):
             alone = model.student.get_intermediate_outputs(seq, num_layers=3)
             for got, expected in zip(packed, alone, strict=True):
-                torch.testing.assert_close(got[:, start : start + n], expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(got[:, start : start + n], expected, atol=1e-4, rtol=0)
         x = torch.cat(seqs, dim=1)
         for bad in ([7, 30, 1], [0, 57]):
             with pytest.raises(ValueError, match="segments"):
