@@ -8,7 +8,8 @@
 Suites (modules of this folder, imported only when they run):
 
 - ``ops``: the three spidr.ops operations, every usable backend against the ``torch`` reference backend
-  (two tables: assignment + update, loss forward + backward), with GEMM floors and peak memory;
+  (three tables: assignment + update, the loss forward + backward with h per head and with a shared h),
+  with GEMM floors and peak memory;
 - ``step``: one training step of the base SpidR, ours against the reference release (``--reference`` or
   ``SPIDR_REFERENCE``; without it the release row is skipped and ratios are against ``ours-torch``);
 - ``extract``: batched feature extraction against a per-file loop;

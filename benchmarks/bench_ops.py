@@ -18,7 +18,7 @@ spread (min-max); ``ratio`` (vs ``torch``, the reference row) is a ratio of medi
 median over rounds of the row's time over the floor's time in the same round. Peak memory is the growth of the peak
 resident set during one run (CPU: in a fresh subprocess per row, after a warm-up run, from /proc) or the CUDA
 peak allocation during one run, beyond what was allocated before it: the op's working memory, gradients
-included. ``python -m benchmarks --only ops`` runs the same two tables through :func:`run_suite`.
+included. ``python -m benchmarks --only ops`` runs the same three tables through :func:`run_suite`.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def run_suite(
     shape: Sequence[int] | None = None,
     memory: bool | None = None,
 ) -> list[Suite]:
-    """Time every row of both operations; two tables (assign+update, loss fwd+bwd), reference row ``torch``.
+    """Time every row of both operations; three tables (assign+update, loss with h per head, with a shared h).
 
     Args:
         repeats: timed runs per row after one warm-up.
