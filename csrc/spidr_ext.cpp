@@ -52,6 +52,10 @@ TORCH_LIBRARY(spidr, m) {
   m.def("assign_codes(Tensor x, Tensor codebooks, Tensor counts) -> Tensor");
   // (count (C, K) float32, memory (C, K, D) float32): rows labelled k per codebook, and their sum.
   m.def("segment_sums(Tensor x, Tensor labels, int num_codewords) -> (Tensor, Tensor)");
+  // In place: x = gelu(layer_norm(x)) over the last dimension (a multiple of 16; exact erf GELU), with
+  // optional affine weight and bias (D,). x contiguous float32. CPU only: the conv extractor's and the
+  // positional convs' normalisation when extracting features.
+  m.def("layer_norm_gelu_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps) -> Tensor(a!)");
   // Masked-prediction loss. h (N, D) shared by all heads or (C, N, D); weight (C, K, D); bias (C, K);
   // labels (C, N). Returns (loss (N,) float32, mean_probs (C, K) float32, grad_h, grad_weight, grad_bias):
   // with compute_grads, the gradients of sum(loss) (upstream gradient of ones) in the dtypes of h,

@@ -292,3 +292,42 @@ def test_bad_arguments_are_named():
         ops.masked_prediction_loss(torch.randn(5, 3), codebooks, counts, torch.zeros(2, 5, dtype=torch.int64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         ops.assign_codes([[1.0]], codebooks, counts)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dim", [512, 768, 64])
+def test_layer_norm_gelu_in_place_equals_pytorch(affine, dim):
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(3, 257, dim, generator=g) * 4 + 1
+    weight = torch.randn(dim, generator=g) if affine else None
+    bias = torch.randn(dim, generator=g) if affine else None
+    expected = F.gelu(F.layer_norm(x, (dim,), weight, bias, 1e-5))
+    y = x.clone()
+    out = ops.layer_norm_gelu_(y, weight, bias, 1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if "cpp" in BACKENDS:
+        assert out.data_ptr() == y.data_ptr()  # fused: in place
+    with ops.use_backend("torch"):
+        torch.testing.assert_close(ops.layer_norm_gelu_(x.clone(), weight, bias, 1e-5), expected, atol=0, rtol=0)
+
+
+def test_layer_norm_gelu_takes_pytorch_where_the_kernel_does_not_apply():
+    x = torch.randn(40, 48)
+    for arg in (x.t(), x.to(torch.bfloat16), torch.randn(5, 20)):  # not contiguous, not float32, D % 16 != 0
+        expected = F.gelu(F.layer_norm(arg, arg.shape[-1:], None, None, 1e-5))
+        torch.testing.assert_close(ops.layer_norm_gelu_(arg.clone(), None, None, 1e-5), expected)
+    leaf = torch.randn(4, 32, requires_grad=True)
+    ops.layer_norm_gelu_(leaf * 1, None, None, 1e-5).sum().backward()  # recorded by autograd: PyTorch's ops
+    assert leaf.grad is not None
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp kernels are not built")
+def test_layer_norm_gelu_kernel_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.spidr.layer_norm_gelu_(torch.zeros(2, 16, dtype=torch.float64), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.spidr.layer_norm_gelu_(torch.zeros(2, 20), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.spidr.layer_norm_gelu_(torch.zeros(2, 16), torch.ones(8), None, 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.spidr.layer_norm_gelu_(torch.zeros(16, 32).t(), None, None, 1e-5)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from spidr import ops
 from spidr.config import DinoSRConfig
 
 
@@ -108,9 +109,9 @@ class ConvBlock(nn.Module):
             if conv.bias is not None:
                 y = y + conv.bias
         norm = self.layer_norm
-        if isinstance(norm, nn.LayerNorm):
-            y = F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        elif isinstance(norm, nn.GroupNorm):  # one group per channel: statistics over the frames
+        if isinstance(norm, nn.LayerNorm):  # fused with the GELU, in place (one pass over the activations)
+            return ops.layer_norm_gelu_(y, norm.weight, norm.bias, norm.eps)
+        if isinstance(norm, nn.GroupNorm):  # one group per channel: statistics over the frames
             var, mean = torch.var_mean(y, dim=1, keepdim=True, correction=0)
             y = (y - mean) * torch.rsqrt(var + norm.eps)
             if norm.affine:
@@ -189,8 +190,7 @@ class ConvPositionalEmbedding(nn.Module):
             h = F.conv2d(h, conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
             if self.num_remove:
                 h = h[..., : -self.num_remove]
-            rows = F.gelu(F.layer_norm(h.permute(0, 2, 3, 1), (self.embed_dim,), eps=self.layer_norm.eps))
-            h = rows.permute(0, 3, 1, 2)
+            h = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps).permute(0, 3, 1, 2)
         return h.squeeze(2).transpose(1, 2)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:

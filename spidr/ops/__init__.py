@@ -19,6 +19,7 @@ from spidr.ops import checks, reference
 from spidr.ops.registry import (
     Backend,
     BackendError,
+    _forced_name,
     add_loader,
     backends,
     last_backend,
@@ -35,6 +36,7 @@ __all__ = [
     "backends",
     "codebook_update_",
     "last_backend",
+    "layer_norm_gelu_",
     "masked_prediction_loss",
     "registered",
     "use_backend",
@@ -140,3 +142,37 @@ def masked_prediction_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tens
     """
     checks.check_loss(h, weight, bias, labels)
     return select(h.device).masked_prediction_loss(h, weight, bias, labels)
+
+
+def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """In place: ``x = gelu(layer_norm(x))`` over the last dimension (exact erf GELU); returns ``x``.
+
+    Not one of the three ops of the seam: a fused helper for the conv extractor's and the positional
+    convs' normalisation when extracting features. The ``cpp`` kernel (one pass over memory instead of two,
+    no new allocation; equal to PyTorch's pair within 1e-5) runs when the extension is loaded, ``x`` is a
+    contiguous float32 CPU tensor whose last dimension is a multiple of 16 and no gradient is recorded, unless
+    ``use_backend("torch")`` or ``SPIDR_OPS_BACKEND=torch`` forces PyTorch; otherwise
+    ``F.gelu(F.layer_norm(x, ...))``.
+
+    Args:
+        x: (..., D) activations, overwritten on the fused path.
+        weight, bias: (D,) affine parameters of the LayerNorm, or None.
+        eps: the LayerNorm's epsilon.
+
+    Returns:
+        The result: ``x`` itself on the fused path, a new tensor otherwise.
+    """
+    fused = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and x.shape[-1] % 16 == 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False)))
+        and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (weight, bias))
+        and _forced_name() != "torch"
+        and _extension.load() is not None
+        and hasattr(torch.ops.spidr, "layer_norm_gelu_")
+    )
+    if fused:
+        return torch.ops.spidr.layer_norm_gelu_(x, weight, bias, float(eps))
+    return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps))
