@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,21 @@ class ChannelLayerNorm(nn.LayerNorm):
         return x.transpose(-2, -1)
 
 
+def kept_layout(module: nn.Module, weight: Tensor, make: Callable[[], list[Tensor]]) -> list[Tensor]:
+    """``make()``: copies of ``weight`` laid out for a kernel, kept on ``module`` until ``weight`` changes
+    (its storage or version), so that a run over many inputs lays them out once. Where autograd records
+    ``weight``, made afresh each call (the copies must carry its gradient)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return make()
+    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+    kept = module.__dict__.get("_kept_layout")
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = (key, make())
+        module.__dict__["_kept_layout"] = kept
+    return kept[1]
+
+
 class ConvBlock(nn.Module):
     """conv -> optional norm -> exact GELU. The norm is registered first (the release's key order)."""
 
@@ -64,19 +79,13 @@ class ConvBlock(nn.Module):
         until the weight changes (so a run over many files lays them out once)."""
         weight = self.conv.weight
         out_channels, in_channels, kernel = weight.shape
-        if kernel == self.conv.stride[0] or in_channels == 1:
-            make = lambda: [weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels)]  # noqa: E731
-        else:
-            make = lambda: [weight[:, :, j].t().contiguous() for j in range(kernel)]  # noqa: E731
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return make()
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        cached = getattr(self, "_gemm_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, [w.contiguous() for w in make()])
-            self._gemm_cache = cached
-        return cached[1]
+
+        def make() -> list[Tensor]:
+            if kernel == self.conv.stride[0] or in_channels == 1:
+                return [weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels).contiguous()]
+            return [weight[:, :, j].t().contiguous() for j in range(kernel)]
+
+        return kept_layout(self, weight, make)
 
     def forward_channels_last(self, x: Tensor) -> Tensor:
         """The same block on (batch, frames, channels), as one GEMM over the conv's windows.
@@ -187,7 +196,11 @@ class ConvPositionalEmbedding(nn.Module):
         transposes or copies; about 1.4x faster on the CPU, equal up to float rounding)."""
         h = x.transpose(1, 2).unsqueeze(2)  # (batch, dim, 1, frames) with channels-last strides
         for conv in self.convs:
-            h = F.conv2d(h, conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
+            # the weight in channels-last layout too (else the convolution reorders it at every call)
+            (weight,) = kept_layout(
+                conv, conv.weight, lambda c=conv: [c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)]
+            )
+            h = F.conv2d(h, weight, conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
             if self.num_remove:
                 h = h[..., : -self.num_remove]
             h = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps).permute(0, 3, 1, 2)
