@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -90,10 +89,7 @@ def run_suite(*, repeats: int = 5, quick: bool = False, device: str = "cpu", bat
         fns = {"per-file": lambda: per_file(False), "per-file, stop at layer": lambda: per_file(True)}
         fns["spidr.extract"] = batched
         times = time_interleaved(fns, repeats=repeats, device=device)
-        rows = [
-            Row(name=name, median_s=statistics.median(t), min_s=min(t), max_s=max(t), runs=len(t))
-            for name, t in times.items()
-        ]
+        rows = [Row.from_times(name, t) for name, t in times.items()]
         for row in rows:
             row.extra["vs per-file (paired)"] = round(paired_ratio(times[row.name], times["per-file"]), 3)
         for path in (work / "loop").rglob("*.pt"):  # same numbers from both paths

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -269,7 +268,7 @@ def run_suite(
         times.update({(op, name): t for name, t in time_interleaved(fns, repeats=repeats, device=device).items()})
     for op, name, fn in timed:
         t = times[(op, name)]
-        row = Row(name=name, median_s=statistics.median(t), min_s=min(t), max_s=max(t), runs=len(t))
+        row = Row.from_times(name, t)
         row.extra["vs floor"] = round(paired_ratio(t, times[(op, "floor")]), 2)
         if memory:
             peak = cuda_peak_mb(fn) if device == "cuda" else cpu_peak_mb(op, name, (c, n, d, k))

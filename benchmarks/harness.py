@@ -35,6 +35,11 @@ class Row:
     note: str = ""
     extra: dict[str, float | int | str] = field(default_factory=dict)
 
+    @classmethod
+    def from_times(cls, name: str, times: list[float]) -> Row:
+        """A row from its timed runs (seconds), e.g. one entry of :func:`time_interleaved`."""
+        return cls(name=name, median_s=statistics.median(times), min_s=min(times), max_s=max(times), runs=len(times))
+
 
 @dataclass
 class Suite:

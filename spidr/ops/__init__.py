@@ -145,7 +145,7 @@ def masked_prediction_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tens
 
 
 def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """In place: ``x = gelu(layer_norm(x))`` over the last dimension (exact erf GELU); returns ``x``.
+    """``gelu(layer_norm(x))`` over the last dimension (exact erf GELU), in place where the kernel applies.
 
     Not one of the three ops of the seam: a fused helper for the conv extractor's and the positional
     convs' normalisation when extracting features. The ``cpp`` kernel (one pass over memory instead of two,
