@@ -56,6 +56,14 @@ TORCH_LIBRARY(spidr, m) {
   // optional affine weight and bias (D,). x contiguous float32. CPU only: the conv extractor's and the
   // positional convs' normalisation when extracting features.
   m.def("layer_norm_gelu_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps) -> Tensor(a!)");
+  // (batch, frames_out, out) = gelu(norm(conv1d(x, kernel 3, stride 2) + conv_bias)) on channels-last x
+  // (batch, frames_in, in) float32, the even rows' taps by Winograd's F(3, 2) (7/9 of the multiply-adds).
+  // taps (5, in, out): W1, W0, (W0 + W2) / 2, (W0 - W2) / 2 and W2, with W_j = conv_weight[:, :, j].T.
+  // norm: LayerNorm over the channels (optional affine weight and bias (out,)) when normalize, else none.
+  // in and out multiples of 16. CPU only: the conv extractor when extracting features.
+  m.def(
+      "conv_k3s2_gelu(Tensor x, Tensor taps, Tensor? conv_bias, bool normalize, Tensor? weight, Tensor? bias,"
+      " float eps) -> Tensor");
   // Masked-prediction loss. h (N, D) shared by all heads or (C, N, D); weight (C, K, D); bias (C, K);
   // labels (C, N). Returns (loss (N,) float32, mean_probs (C, K) float32, grad_h, grad_weight, grad_bias):
   // with compute_grads, the gradients of sum(loss) (upstream gradient of ones) in the dtypes of h,

@@ -129,6 +129,30 @@ def test_channels_last_positional_convs_equal_the_default(kernel, depth):
         torch.testing.assert_close(pos.forward_channels_last(x), pos(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("mode", "conv_bias"), [("layer_norm", False), ("layer_norm", True), ("group_norm", False)])
+def test_channels_last_conv_extractor_equals_the_default(mode, conv_bias):
+    """FeatureExtractor.gemm_on_cpu (the extraction path: GEMMs over the windows, Winograd for the k=3 s=2
+    blocks, fused norms) against the default convolutions, on a base-size extractor."""
+    from spidr.config import SpidRConfig
+    from spidr.models.components import FeatureExtractor
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SpidRConfig(), extractor_mode=mode, extractor_conv_bias=conv_bias)
+    extractor = FeatureExtractor(cfg).eval()
+    for block in extractor.conv_layers:  # non-trivial affine norms and biases
+        for p in (block.layer_norm.weight, block.layer_norm.bias) if block.layer_norm is not None else ():
+            p.data.normal_(1.0 if p is block.layer_norm.weight else 0.0, 0.2)
+        if block.conv.bias is not None:
+            block.conv.bias.data.normal_(0.0, 0.1)
+    wav = load_audio(WAVS[0], normalize=True)[None, :23_000]
+    with torch.inference_mode():
+        expected = extractor(wav)
+        extractor.gemm_on_cpu = True
+        got = extractor(wav)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)
+
+
 def test_packed_sequences_equal_each_sequence_alone(model):
     """Transformer.get_intermediate_outputs(segments=...): sequences end to end, each as if run alone."""
     g = torch.Generator().manual_seed(3)

@@ -331,3 +331,77 @@ def test_layer_norm_gelu_kernel_checks_its_arguments():
         torch.ops.spidr.layer_norm_gelu_(torch.zeros(2, 16), torch.ones(8), None, 1e-5)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.spidr.layer_norm_gelu_(torch.zeros(16, 32).t(), None, None, 1e-5)
+
+
+def _conv_block_reference(x, conv_weight, conv_bias, weight, bias, normalize):
+    y = F.conv1d(
+        x.transpose(1, 2).double(), conv_weight.double(), None if conv_bias is None else conv_bias.double(), 2
+    )
+    y = y.transpose(1, 2)
+    if normalize:
+        y = F.layer_norm(
+            y, y.shape[-1:], None if weight is None else weight.double(), None if bias is None else bias.double()
+        )
+    return F.gelu(y).float()
+
+
+# Input lengths: 3 frames (one output), outputs 1 to 5 around the tiles of three, and one past a chunk of
+# 512 tiles (1536 outputs) with a partial last tile.
+@pytest.mark.parametrize("frames", [3, 4, 5, 7, 9, 11, 3200])
+@pytest.mark.parametrize(
+    ("normalize", "affine", "with_bias"), [(True, True, False), (True, False, True), (False, False, True)]
+)
+def test_conv_k3s2_gelu_equals_conv_norm_gelu(frames, normalize, affine, with_bias):
+    g = torch.Generator().manual_seed(frames)
+    c_in, c_out = 32, 48
+    x = torch.randn(2, frames, c_in, generator=g)
+    conv_weight = torch.randn(c_out, c_in, 3, generator=g) / 8
+    conv_bias = torch.randn(c_out, generator=g) if with_bias else None
+    weight = torch.randn(c_out, generator=g) if affine else None
+    bias = torch.randn(c_out, generator=g) if affine else None
+    expected = _conv_block_reference(x, conv_weight, conv_bias, weight, bias, normalize)
+    with torch.inference_mode():
+        got = ops.conv_k3s2_gelu(x, conv_weight, conv_bias, weight, bias, 1e-5, normalize=normalize)
+    assert got.shape == (2, (frames - 3) // 2 + 1, c_out)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    with ops.use_backend("torch"), torch.inference_mode():  # PyTorch's conv, norm and GELU
+        torch.testing.assert_close(
+            ops.conv_k3s2_gelu(x, conv_weight, conv_bias, weight, bias, 1e-5, normalize=normalize),
+            expected,
+            atol=2e-5,
+            rtol=1e-5,
+        )
+
+
+def test_conv_k3s2_gelu_runs_pytorch_under_autograd_and_checks_shapes():
+    x = torch.randn(1, 20, 16, requires_grad=True)
+    conv_weight = torch.randn(16, 16, 3)
+    out = ops.conv_k3s2_gelu(x, conv_weight, None, None, None, 1e-5)
+    out.sum().backward()  # recorded by autograd: PyTorch's ops ran
+    assert x.grad is not None and x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="conv_weight"):
+        ops.conv_k3s2_gelu(x.detach(), torch.randn(16, 16, 5), None, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"\(out, in, 3\)"):
+        ops.conv_k3s2_taps(torch.randn(16, 16, 2))
+    w = torch.randn(8, 4, 3)
+    taps = ops.conv_k3s2_taps(w)
+    assert taps.shape == (5, 4, 8) and taps.is_contiguous()
+    torch.testing.assert_close(taps[0], w[:, :, 1].t())
+    torch.testing.assert_close(taps[2] + taps[3], w[:, :, 0].t())
+    torch.testing.assert_close(taps[2] - taps[3], w[:, :, 2].t())
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp kernels are not built")
+def test_conv_k3s2_gelu_kernel_checks_its_arguments():
+    x, taps = torch.zeros(1, 9, 16), torch.zeros(5, 16, 32)
+    op = torch.ops.spidr.conv_k3s2_gelu
+    with pytest.raises(RuntimeError, match="float32"):
+        op(x.double(), taps, None, True, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="taps must be"):
+        op(x, torch.zeros(4, 16, 32), None, True, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        op(torch.zeros(1, 9, 8), torch.zeros(5, 8, 32), None, True, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="fewer than the kernel"):
+        op(torch.zeros(1, 2, 16), taps, None, True, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="conv_bias must be"):
+        op(x, taps, torch.zeros(16), True, None, None, 1e-5)

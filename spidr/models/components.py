@@ -73,6 +73,10 @@ class ConvBlock(nn.Module):
             x = self.layer_norm(x)
         return F.gelu(x)
 
+    def _winograd_taps(self) -> Tensor:
+        """The tap matrices of :func:`spidr.ops.conv_k3s2_gelu`, kept until the weight changes."""
+        return kept_layout(self.conv, self.conv.weight, lambda: [ops.conv_k3s2_taps(self.conv.weight)])[0]
+
     def _gemm_weights(self) -> list[Tensor]:
         """The conv weight laid out for :meth:`forward_channels_last`: one (out, kernel * in) matrix when the
         windows are one matrix, else one contiguous (in, out) matrix per tap. Outside autograd they are kept
@@ -88,15 +92,37 @@ class ConvBlock(nn.Module):
         return kept_layout(self, weight, make)
 
     def forward_channels_last(self, x: Tensor) -> Tensor:
-        """The same block on (batch, frames, channels), as one GEMM over the conv's windows.
+        """The same block on (batch, frames, channels), as GEMMs over the conv's windows.
 
         On the CPU this runs at the BLAS rate, several times faster than the (batch, channels, frames)
         convolution and the transposes its LayerNorm needs; the result is equal up to float rounding.
+        Kernel-3 stride-2 blocks outside autograd run :func:`spidr.ops.conv_k3s2_gelu` (Winograd's F(3, 2):
+        7 of the 9 matrix products, the norm and GELU fused), about 0.87x the time of the three GEMMs.
         """
         conv = self.conv
         (kernel,), (stride,) = conv.kernel_size, conv.stride
         batch, frames, channels = x.shape
         out_frames = (frames - kernel) // stride + 1
+        norm = self.layer_norm
+        if (
+            kernel == 3
+            and stride == 2
+            and frames >= 3
+            and not isinstance(norm, nn.GroupNorm)
+            and channels % 16 == 0
+            and conv.out_channels % 16 == 0
+            and ops.cpu_kernel_applies("conv_k3s2_gelu", x, conv.weight, conv.bias)
+        ):  # the extractor's k=3 s=2 blocks: Winograd F(3, 2), norm and GELU in one kernel
+            return ops.conv_k3s2_gelu(
+                x,
+                conv.weight,
+                conv.bias,
+                None if norm is None else norm.weight,
+                None if norm is None else norm.bias,
+                1e-5 if norm is None else norm.eps,
+                normalize=norm is not None,
+                taps=self._winograd_taps(),
+            )
         weights = self._gemm_weights()
         if kernel == stride or channels == 1:  # windows as one (frames, kernel * channels) matrix
             if kernel == stride:  # disjoint: a view of x, in (kernel, channels) order
@@ -117,7 +143,6 @@ class ConvBlock(nn.Module):
                     y = y + torch.matmul(x[:, j : j + span : stride], weights[j])
             if conv.bias is not None:
                 y = y + conv.bias
-        norm = self.layer_norm
         if isinstance(norm, nn.LayerNorm):  # fused with the GELU, in place (one pass over the activations)
             return ops.layer_norm_gelu_(y, norm.weight, norm.bias, norm.eps)
         if isinstance(norm, nn.GroupNorm):  # one group per channel: statistics over the frames

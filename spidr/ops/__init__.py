@@ -35,6 +35,9 @@ __all__ = [
     "assign_codes",
     "backends",
     "codebook_update_",
+    "conv_k3s2_gelu",
+    "conv_k3s2_taps",
+    "cpu_kernel_applies",
     "last_backend",
     "layer_norm_gelu_",
     "masked_prediction_loss",
@@ -176,3 +179,85 @@ def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     if fused:
         return torch.ops.spidr.layer_norm_gelu_(x, weight, bias, float(eps))
     return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps))
+
+
+def conv_k3s2_taps(conv_weight: Tensor) -> Tensor:
+    """The tap matrices :func:`conv_k3s2_gelu` takes, from a conv weight (out, in, 3): (5, in, out) holding
+    W1, W0, (W0 + W2) / 2, (W0 - W2) / 2 and W2, with W_j = ``conv_weight[:, :, j].T`` (contiguous)."""
+    if conv_weight.dim() != 3 or conv_weight.shape[2] != 3:
+        raise ValueError(f"conv_weight must be (out, in, 3), got shape {tuple(conv_weight.shape)}")
+    w0, w1, w2 = (conv_weight[:, :, j].t() for j in range(3))
+    return torch.stack([w1, w0, (w0 + w2) * 0.5, (w0 - w2) * 0.5, w2]).contiguous()
+
+
+def _fused_applies(name: str, tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether the cpp kernel ``name`` (a fused extraction helper) runs on these tensors: float32 CPU
+    tensors, no gradient recorded, no autocast, the extension loaded and PyTorch not forced."""
+    return (
+        all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+        and not torch.is_autocast_enabled("cpu")
+        and _forced_name() != "torch"
+        and _extension.load() is not None
+        and hasattr(torch.ops.spidr, name)
+    )
+
+
+def conv_k3s2_gelu(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    normalize: bool = True,
+    taps: Tensor | None = None,
+) -> Tensor:
+    """A conv extractor block with kernel 3 and stride 2 on channels-last activations:
+    ``gelu(layer_norm(conv1d(x)))`` (or ``gelu(conv1d(x))`` without ``normalize``).
+
+    Like :func:`layer_norm_gelu_`, a fused helper outside the three ops of the seam, for feature extraction.
+    The ``cpp`` kernel computes the taps on the even input rows by Winograd's minimal filtering F(3, 2)
+    (seven matrix products per three outputs instead of nine; additions only in its transforms) and the
+    norm and GELU while the outputs are in cache. It runs on float32 CPU tensors with channels that are
+    multiples of 16, where no gradient is recorded and autocast is off, when the extension is loaded, unless
+    ``use_backend("torch")`` or ``SPIDR_OPS_BACKEND=torch`` forces PyTorch; elsewhere ``F.conv1d`` then
+    ``F.layer_norm`` and ``F.gelu`` (the reference of the tests). The two are equal up to float rounding.
+
+    Args:
+        x: (batch, frames, in) activations, at least 3 frames.
+        conv_weight: (out, in, 3) the conv's weight; conv_bias: (out,) or None.
+        weight, bias: (out,) affine parameters of the LayerNorm, or None; eps: its epsilon.
+        normalize: apply the LayerNorm (False: the conv, then the GELU).
+        taps: ``conv_k3s2_taps(conv_weight)`` when the caller keeps it (it is computed otherwise).
+
+    Returns:
+        (batch, (frames - 3) // 2 + 1, out).
+    """
+    if x.dim() != 3 or conv_weight.dim() != 3 or conv_weight.shape[1:] != (x.shape[2], 3):
+        raise ValueError(
+            f"x must be (batch, frames, in) and conv_weight (out, in, 3); got {tuple(x.shape)} and "
+            f"{tuple(conv_weight.shape)}"
+        )
+    fused = (
+        _fused_applies("conv_k3s2_gelu", (x, conv_weight, conv_bias, weight, bias))
+        and x.shape[1] >= 3
+        and x.shape[2] % 16 == 0
+        and conv_weight.shape[0] % 16 == 0
+    )
+    if fused:
+        if taps is None:
+            taps = conv_k3s2_taps(conv_weight)
+        return torch.ops.spidr.conv_k3s2_gelu(x, taps, conv_bias, normalize, weight, bias, float(eps))
+    y = torch.nn.functional.conv1d(x.transpose(1, 2), conv_weight, conv_bias, stride=2).transpose(1, 2)
+    if normalize:
+        y = torch.nn.functional.layer_norm(y, y.shape[-1:], weight, bias, eps)
+    return torch.nn.functional.gelu(y)
+
+
+def cpu_kernel_applies(name: str, *tensors: Tensor | None) -> bool:
+    """Whether the fused extraction helper ``name`` (``"conv_k3s2_gelu"``) would run its cpp kernel on
+    tensors of these dtypes and devices now (see the helper's docstring), shapes aside: callers with a
+    faster PyTorch path of their own than the helper's reference take it otherwise."""
+    return _fused_applies(name, tensors)
