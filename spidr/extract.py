@@ -282,8 +282,9 @@ class Extractor:
         for wav in waveforms:
             wav = wav.to(self.device).unsqueeze(0)
             model._check_inputs(wav, None)
-            rows.append(model._features(wav))
-        x = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+            rows.append(model.feature_extractor(wav))
+        # The projection is per frame: one GEMM over every file's conv features.
+        x = model.feature_projection(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
         outputs = model.student.get_intermediate_outputs(x, None, max(self.layers), segments=frames)
         per_layer = {layer: self._finish(outputs[layer - 1][0]) for layer in self.layers}
         return [
