@@ -54,7 +54,22 @@ SPIDR_CLONES void input_transform(const float* __restrict x, int64_t first_row, 
   }
 }
 
-// The output transform for `count` tiles, and the block's end: y rows 3i, 3i + 1, 3i + 2 (holding the odd
+// row = gelu(norm(row + conv_bias)) in place, for one output row of C floats (norm: the LayerNorm when
+// normalize, else none; conv_bias may be null).
+__attribute__((always_inline)) inline void finish_row(float* row, int64_t C, const float* __restrict conv_bias,
+                                                     bool normalize, const float* __restrict weight,
+                                                     const float* __restrict bias, float eps) {
+  if (conv_bias != nullptr) {
+    for (int64_t c = 0; c < C; c += kLanes) store(row + c, load(row + c) + load(conv_bias + c));
+  }
+  if (normalize) {
+    norm_gelu_row(row, row, C, weight, bias, eps);
+  } else {
+    for (int64_t c = 0; c < C; c += kLanes) store(row + c, gelu(load(row + c)));
+  }
+}
+
+// The output transform for `count` tiles, and the chunk's end: y rows 3i, 3i + 1, 3i + 2 (holding the odd
 // rows' products O W1) receive m0 + m1 + m2, m1 - m2 and m1 + m2 + m3 (m (4, rows, C)), then the conv bias,
 // the LayerNorm (when normalize) and the GELU, in place.
 SPIDR_CLONES void output_transform(float* __restrict y, const float* __restrict m, int64_t count, int64_t m_rows,
@@ -83,27 +98,7 @@ SPIDR_CLONES void output_transform(float* __restrict y, const float* __restrict 
       store(y1 + c, b);
       store(y2 + c, d);
     }
-    for (float* row : {y0, y1, y2}) {
-      if (normalize) {
-        norm_gelu_row(row, row, C, weight, bias, eps);
-      } else {
-        for (int64_t c = 0; c < C; c += kLanes) store(row + c, gelu(load(row + c)));
-      }
-    }
-  }
-}
-
-// One output row computed directly (the rows after the last whole tile): x[2t] W0 + x[2t+1] W1 + x[2t+2] W2,
-// then bias, norm and GELU.
-SPIDR_CLONES void finish_row(float* row, int64_t C, const float* __restrict conv_bias, bool normalize,
-                             const float* __restrict weight, const float* __restrict bias, float eps) {
-  if (conv_bias != nullptr) {
-    for (int64_t c = 0; c < C; c += kLanes) store(row + c, load(row + c) + load(conv_bias + c));
-  }
-  if (normalize) {
-    norm_gelu_row(row, row, C, weight, bias, eps);
-  } else {
-    for (int64_t c = 0; c < C; c += kLanes) store(row + c, gelu(load(row + c)));
+    for (float* row : {y0, y1, y2}) finish_row(row, C, nullptr, normalize, weight, bias, eps);
   }
 }
 

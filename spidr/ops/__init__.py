@@ -147,6 +147,21 @@ def masked_prediction_loss(h: Tensor, weight: Tensor, bias: Tensor, labels: Tens
     return select(h.device).masked_prediction_loss(h, weight, bias, labels)
 
 
+def cpu_kernel_applies(name: str, *tensors: Tensor | None) -> bool:
+    """Whether the fused extraction helper ``name`` (``"layer_norm_gelu_"``, ``"conv_k3s2_gelu"``) runs its
+    cpp kernel on these tensors, shapes aside: float32 CPU tensors, no gradient recorded, autocast off, the
+    extension loaded, and PyTorch not forced (``use_backend("torch")`` or ``SPIDR_OPS_BACKEND=torch``).
+    Callers with a faster PyTorch path of their own than the helper's reference take it otherwise."""
+    return (
+        all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+        and not torch.is_autocast_enabled("cpu")
+        and _forced_name() != "torch"
+        and _extension.load() is not None
+        and hasattr(torch.ops.spidr, name)
+    )
+
+
 def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """``gelu(layer_norm(x))`` over the last dimension (exact erf GELU), in place where the kernel applies.
 
@@ -165,17 +180,7 @@ def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     Returns:
         The result: ``x`` itself on the fused path, a new tensor otherwise.
     """
-    fused = (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous()
-        and x.shape[-1] % 16 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False)))
-        and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (weight, bias))
-        and _forced_name() != "torch"
-        and _extension.load() is not None
-        and hasattr(torch.ops.spidr, "layer_norm_gelu_")
-    )
+    fused = cpu_kernel_applies("layer_norm_gelu_", x, weight, bias) and x.is_contiguous() and x.shape[-1] % 16 == 0
     if fused:
         return torch.ops.spidr.layer_norm_gelu_(x, weight, bias, float(eps))
     return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps))
@@ -188,19 +193,6 @@ def conv_k3s2_taps(conv_weight: Tensor) -> Tensor:
         raise ValueError(f"conv_weight must be (out, in, 3), got shape {tuple(conv_weight.shape)}")
     w0, w1, w2 = (conv_weight[:, :, j].t() for j in range(3))
     return torch.stack([w1, w0, (w0 + w2) * 0.5, (w0 - w2) * 0.5, w2]).contiguous()
-
-
-def _fused_applies(name: str, tensors: tuple[Tensor | None, ...]) -> bool:
-    """Whether the cpp kernel ``name`` (a fused extraction helper) runs on these tensors: float32 CPU
-    tensors, no gradient recorded, no autocast, the extension loaded and PyTorch not forced."""
-    return (
-        all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-        and not torch.is_autocast_enabled("cpu")
-        and _forced_name() != "torch"
-        and _extension.load() is not None
-        and hasattr(torch.ops.spidr, name)
-    )
 
 
 def conv_k3s2_gelu(
@@ -241,7 +233,7 @@ def conv_k3s2_gelu(
             f"{tuple(conv_weight.shape)}"
         )
     fused = (
-        _fused_applies("conv_k3s2_gelu", (x, conv_weight, conv_bias, weight, bias))
+        cpu_kernel_applies("conv_k3s2_gelu", x, conv_weight, conv_bias, weight, bias)
         and x.shape[1] >= 3
         and x.shape[2] % 16 == 0
         and conv_weight.shape[0] % 16 == 0
@@ -254,10 +246,3 @@ def conv_k3s2_gelu(
     if normalize:
         y = torch.nn.functional.layer_norm(y, y.shape[-1:], weight, bias, eps)
     return torch.nn.functional.gelu(y)
-
-
-def cpu_kernel_applies(name: str, *tensors: Tensor | None) -> bool:
-    """Whether the fused extraction helper ``name`` (``"conv_k3s2_gelu"``) would run its cpp kernel on
-    tensors of these dtypes and devices now (see the helper's docstring), shapes aside: callers with a
-    faster PyTorch path of their own than the helper's reference take it otherwise."""
-    return _fused_applies(name, tensors)
