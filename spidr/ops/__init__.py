@@ -168,8 +168,9 @@ def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     Not one of the three ops of the seam: a fused helper for the conv extractor's and the positional
     convs' normalisation when extracting features. The ``cpp`` kernel (one pass over memory instead of two,
     no new allocation; equal to PyTorch's pair within 1e-5) runs when the extension is loaded, ``x`` is a
-    contiguous float32 CPU tensor whose last dimension is a multiple of 16 and no gradient is recorded, unless
-    ``use_backend("torch")`` or ``SPIDR_OPS_BACKEND=torch`` forces PyTorch; otherwise
+    contiguous float32 CPU tensor whose last dimension is a multiple of 16, no gradient is recorded and
+    autocast is off (:func:`cpu_kernel_applies`), unless ``use_backend("torch")`` or
+    ``SPIDR_OPS_BACKEND=torch`` forces PyTorch; otherwise
     ``F.gelu(F.layer_norm(x, ...))``.
 
     Args:
