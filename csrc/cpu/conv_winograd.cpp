@@ -137,7 +137,7 @@ at::Tensor conv_k3s2_gelu_cpu(const at::Tensor& x, const at::Tensor& taps, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor input = x.contiguous();
   const at::Tensor tp = taps.contiguous();
-  const at::Tensor W1 = tp[0];
+  const at::Tensor W1 = tp[0], W0 = tp[1], W2 = tp[4];
   const int64_t T_out = (T_in - 3) / 2 + 1, tiles = T_out / 3;
   at::Tensor out = at::empty({B, T_out, C}, x.options());
 
@@ -170,9 +170,9 @@ at::Tensor conv_k3s2_gelu_cpu(const at::Tensor& x, const at::Tensor& taps, const
     }
     for (int64_t t = 3 * tiles; t < T_out; ++t) {  // the rows after the last whole tile: the direct sum
       at::Tensor row = yb.narrow(0, t, 1);
-      at::mm_out(row, xb.narrow(0, 2 * t, 1), tp[1]);
+      at::mm_out(row, xb.narrow(0, 2 * t, 1), W0);
       row.addmm_(xb.narrow(0, 2 * t + 1, 1), W1);
-      row.addmm_(xb.narrow(0, 2 * t + 2, 1), tp[4]);
+      row.addmm_(xb.narrow(0, 2 * t + 2, 1), W2);
       finish_row(row.data_ptr<float>(), C, cbp, normalize, wp, bp, e);
     }
   }

@@ -107,11 +107,8 @@ class ConvBlock(nn.Module):
         if (
             kernel == 3
             and stride == 2
-            and frames >= 3
             and not isinstance(norm, nn.GroupNorm)
-            and channels % 16 == 0
-            and conv.out_channels % 16 == 0
-            and ops.cpu_kernel_applies("conv_k3s2_gelu", x, conv.weight, conv.bias)
+            and ops.conv_k3s2_kernel_applies(x, conv.weight, conv.bias)
         ):  # the extractor's k=3 s=2 blocks: Winograd F(3, 2), norm and GELU in one kernel
             return ops.conv_k3s2_gelu(
                 x,

@@ -36,6 +36,7 @@ __all__ = [
     "backends",
     "codebook_update_",
     "conv_k3s2_gelu",
+    "conv_k3s2_kernel_applies",
     "conv_k3s2_taps",
     "cpu_kernel_applies",
     "last_backend",
@@ -196,6 +197,19 @@ def conv_k3s2_taps(conv_weight: Tensor) -> Tensor:
     return torch.stack([w1, w0, (w0 + w2) * 0.5, (w0 - w2) * 0.5, w2]).contiguous()
 
 
+def conv_k3s2_kernel_applies(x: Tensor, conv_weight: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether :func:`conv_k3s2_gelu` runs its cpp kernel on ``x`` (batch, frames, in) and ``conv_weight``
+    (out, in, 3) (with ``tensors``, its other arguments): :func:`cpu_kernel_applies`, at least 3 frames, in
+    and out channels multiples of 16. Callers with a faster fallback of their own take it otherwise."""
+    return (
+        x.dim() == 3
+        and x.shape[1] >= 3
+        and x.shape[2] % 16 == 0
+        and conv_weight.shape[0] % 16 == 0
+        and cpu_kernel_applies("conv_k3s2_gelu", x, conv_weight, *tensors)
+    )
+
+
 def conv_k3s2_gelu(
     x: Tensor,
     conv_weight: Tensor,
@@ -233,13 +247,7 @@ def conv_k3s2_gelu(
             f"x must be (batch, frames, in) and conv_weight (out, in, 3); got {tuple(x.shape)} and "
             f"{tuple(conv_weight.shape)}"
         )
-    fused = (
-        cpu_kernel_applies("conv_k3s2_gelu", x, conv_weight, conv_bias, weight, bias)
-        and x.shape[1] >= 3
-        and x.shape[2] % 16 == 0
-        and conv_weight.shape[0] % 16 == 0
-    )
-    if fused:
+    if conv_k3s2_kernel_applies(x, conv_weight, conv_bias, weight, bias):
         if taps is None:
             taps = conv_k3s2_taps(conv_weight)
         return torch.ops.spidr.conv_k3s2_gelu(x, taps, conv_bias, normalize, weight, bias, float(eps))
