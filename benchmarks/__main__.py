@@ -12,7 +12,8 @@ Suites (modules of this folder, imported only when they run):
   with GEMM floors and peak memory;
 - ``step``: one training step of the base SpidR, ours against the reference release (``--reference`` or
   ``SPIDR_REFERENCE``; without it the release row is skipped and ratios are against ``ours-torch``);
-- ``extract``: batched feature extraction against a per-file loop;
+- ``extract``: batched feature extraction against a per-file loop (ours, and the release's own when
+  ``--reference`` or ``SPIDR_REFERENCE`` gives it);
 - ``kmeans``: one Lloyd iteration of spidr.kmeans against scikit-learn's.
 
 Every row is the median of ``--repeats`` runs after a warm-up, with the spread (min-max) and the ratio to
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference",
         metavar="PATH",
-        help="the reference release for the step suite (its wheel or a directory holding its spidr/ package); "
-        "sets SPIDR_REFERENCE",
+        help="the reference release for the step and extract suites (its wheel or a directory holding its spidr/ "
+        "package); sets SPIDR_REFERENCE",
     )
     args = parser.parse_args(argv)
     if args.reference:

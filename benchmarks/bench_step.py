@@ -344,6 +344,26 @@ def our_runner(
     return runner
 
 
+def release_model(
+    release: Release, cfg: SpidRConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The release's SpidR built from the same config as ours (field by field) and loaded with ``state``.
+
+    Raises:
+        ReleaseError: the release's ``SpidRConfig`` does not have the same fields as ours.
+    """
+    rel_cfg_mod = release.module("spidr.config")
+    with release.active():
+        fields = {f.name for f in dataclasses.fields(rel_cfg_mod.SpidRConfig)}
+        ours = {f.name for f in dataclasses.fields(cfg)}
+        if fields != ours:
+            raise ReleaseError(f"the release's SpidRConfig fields differ from ours: {sorted(fields ^ ours)}")
+        rel_cfg = rel_cfg_mod.SpidRConfig(**{name: copy.deepcopy(getattr(cfg, name)) for name in fields})
+        model = release.module("spidr.models").SpidR(rel_cfg)
+        model.load_state_dict(state)
+    return model.to(device)
+
+
 def release_runner(
     release: Release,
     cfg: SpidRConfig,
@@ -363,17 +383,11 @@ def release_runner(
     the same on CUDA and disabled on the CPU in float32 either way.
     """
     rel_cfg_mod = release.module("spidr.config")
+    model = release_model(release, cfg, state, device)
     with release.active():
-        fields = {f.name for f in dataclasses.fields(rel_cfg_mod.SpidRConfig)}
-        ours = {f.name for f in dataclasses.fields(cfg)}
-        if fields != ours:
-            raise ReleaseError(f"the release's SpidRConfig fields differ from ours: {sorted(fields ^ ours)}")
-        rel_cfg = rel_cfg_mod.SpidRConfig(**{name: copy.deepcopy(getattr(cfg, name)) for name in fields})
+        model.train()
         opt_fields = {f.name for f in dataclasses.fields(rel_cfg_mod.OptimizerConfig)}
         rel_opt = rel_cfg_mod.OptimizerConfig(**{n: copy.deepcopy(getattr(opt_cfg, n)) for n in opt_fields})
-        model = release.module("spidr.models").SpidR(rel_cfg)
-        model.load_state_dict(state)
-        model = model.to(device).train()
         optimizer, scaler, scheduler = release.module("spidr.optimizer").build_optimizer(model, rel_opt)
         if compile_model:
             model.compile(dynamic=True)  # as the release's train() does with run.compile

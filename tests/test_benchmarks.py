@@ -17,7 +17,7 @@ import torch
 
 import spidr
 from benchmarks import __main__ as bench_main
-from benchmarks import bench_ops, bench_step, project_400k
+from benchmarks import bench_extract, bench_ops, bench_step, project_400k
 from spidr.config import SpidRConfig
 from spidr.models.components import num_frames
 
@@ -91,7 +91,7 @@ def test_failing_suite_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
     assert "failed: RuntimeError('boom')" in out and "skipped:" in out
 
 
-@pytest.mark.parametrize("module", [bench_main, bench_ops, bench_step, project_400k])
+@pytest.mark.parametrize("module", [bench_main, bench_ops, bench_step, bench_extract, project_400k])
 def test_help_explains(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -186,6 +186,28 @@ def test_release_row_matches_our_first_step_loss():
     assert suite.rows[2].note.startswith("spidr ") and " from " in suite.rows[2].note
     note = next(n for n in suite.notes if n.startswith("First-step loss"))
     assert "(agree" in note, note
+    assert Path(spidr.__file__).resolve() == bench_step.OUR_FILE
+
+
+# ----------------------------------------------------------------------------- bench_extract
+def test_extract_suite_quick_without_release(monkeypatch):
+    monkeypatch.delenv(bench_step.REFERENCE_ENV, raising=False)
+    suite = bench_extract.run_suite(quick=True)
+    assert [r.name for r in suite.rows] == ["per-file", "per-file, stop at layer", "spidr.extract"]
+    assert suite.reference == "per-file" and suite.rows[0].ratio == pytest.approx(1.0)
+    assert all(r.runs == 1 and r.extra["vs per-file (paired)"] > 0 for r in suite.rows)
+    assert any("`per-file, release`: no reference release given" in s for s in suite.skipped)
+    assert "checked equal" in suite.notes[0]
+
+
+@needs_reference
+def test_extract_suite_release_loop_row():
+    suite = bench_extract.run_suite(quick=True, reference=REFERENCE)
+    names = [r.name for r in suite.rows]
+    assert names == ["per-file", "per-file, stop at layer", "per-file, release", "spidr.extract"]
+    assert not suite.skipped
+    release_row = suite.rows[2]
+    assert release_row.note.startswith("spidr ") and release_row.extra["vs release loop (paired)"] == 1
     assert Path(spidr.__file__).resolve() == bench_step.OUR_FILE
 
 
