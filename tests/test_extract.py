@@ -129,6 +129,20 @@ def test_channels_last_positional_convs_equal_the_default(kernel, depth):
         torch.testing.assert_close(pos.forward_channels_last(x), pos(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("kernel", "depth"), [(95, 5), (128, 1), (16, 2)])
+@pytest.mark.parametrize("lengths", [[150], [40, 3, 97, 1, 60]])  # one sequence; shorter than the kernel
+def test_packed_positional_convs_equal_each_sequence_alone(kernel, depth, lengths):
+    from spidr.models.components import ConvPositionalEmbedding
+
+    torch.manual_seed(0)
+    pos = ConvPositionalEmbedding(64, kernel, 16, depth).eval()
+    x = torch.randn(1, sum(lengths), 64)
+    with torch.inference_mode():
+        got = pos.forward_packed(x, lengths)
+        expected = torch.cat([pos(part) for part in x.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("mode", "conv_bias"), [("layer_norm", False), ("layer_norm", True), ("group_norm", False)])
 def test_channels_last_conv_extractor_equals_the_default(mode, conv_bias):
     """FeatureExtractor.gemm_on_cpu (the extraction path: GEMMs over the windows, Winograd for the k=3 s=2

