@@ -217,16 +217,7 @@ class ConvPositionalEmbedding(nn.Module):
         a 2-D convolution of height 1 on channels-last memory, and the LayerNorm reads its output in place (no
         transposes or copies; about 1.4x faster on the CPU, equal up to float rounding)."""
         h = x.transpose(1, 2).unsqueeze(2)  # (batch, dim, 1, frames) with channels-last strides
-        for conv in self.convs:
-            # the weight in channels-last layout too (else the convolution reorders it at every call)
-            (weight,) = kept_layout(
-                conv, conv.weight, lambda c=conv: [c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)]
-            )
-            h = F.conv2d(h, weight, conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
-            if self.num_remove:
-                h = h[..., : -self.num_remove]
-            h = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps).permute(0, 3, 1, 2)
-        return h.squeeze(2).transpose(1, 2)
+        return self._convs_channels_last(h).squeeze(2).transpose(1, 2)
 
     def forward_packed(self, x: Tensor, segments: Sequence[int]) -> Tensor:
         """:meth:`forward_channels_last` of each of the sequences packed end to end in ``x`` (1, frames, dim)
@@ -237,24 +228,30 @@ class ConvPositionalEmbedding(nn.Module):
             return self.forward_channels_last(x)
         gap = self.convs[0].padding[0]
         starts = list(itertools.accumulate(segments, lambda start, n: start + n + gap, initial=0))[:-1]
-        total = starts[-1] + segments[-1]
-        rows = x.new_zeros(total, x.shape[-1])
         ends = [a + n for a, n in zip(starts, segments, strict=True)]
         keep = torch.cat([torch.arange(a, b, device=x.device) for a, b in zip(starts, ends, strict=True)])
         gaps = torch.cat([torch.arange(b, b + gap, device=x.device) for b in ends[:-1]])
-        rows.index_copy_(0, keep, x[0])
-        h = rows.t().view(1, -1, 1, total)  # (1, dim, 1, frames) with channels-last strides
+        rows = x.new_zeros(ends[-1], x.shape[-1]).index_copy_(0, keep, x[0])
+        h = self._convs_channels_last(rows.t().view(1, -1, 1, ends[-1]), gaps)
+        return h[0, :, 0].t().index_select(0, keep).unsqueeze(0)
+
+    def _convs_channels_last(self, h: Tensor, gaps: Tensor | None = None) -> Tensor:
+        """The conv layers (each with its LayerNorm and GELU) on ``h`` (batch, dim, 1, frames) with channels-last
+        strides; ``gaps``: frames set to zero after every layer."""
         for conv in self.convs:
+            # the weight in channels-last layout too (else the convolution reorders it at every call)
             (weight,) = kept_layout(
                 conv, conv.weight, lambda c=conv: [c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)]
             )
             h = F.conv2d(h, weight, conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
             if self.num_remove:
                 h = h[..., : -self.num_remove]
-            out = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps)
-            out[0, 0].index_fill_(0, gaps, 0.0)
-            h = out.permute(0, 3, 1, 2)
-        return h[0, :, 0].t().index_select(0, keep).unsqueeze(0)
+            # normalised in place through the (batch, 1, frames, dim) view
+            rows = ops.layer_norm_gelu_(h.permute(0, 2, 3, 1), None, None, self.layer_norm.eps)
+            if gaps is not None:
+                rows.index_fill_(2, gaps, 0.0)
+            h = rows.permute(0, 3, 1, 2)
+        return h
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         keep = None if attention_mask is None else attention_mask[:, :, 0]  # (batch, 1, frames)
