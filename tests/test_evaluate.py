@@ -23,6 +23,7 @@ import torch
 from spidr.evaluate import (
     FastabxMissingError,
     abx_error_rate,
+    find_extract_files,
     item_frames,
     load_item_features,
     pair_utterances,
@@ -282,15 +283,25 @@ def test_read_units_dir(tmp_path):
         read_units_dir(tmp_path, layer=7)
 
 
+def test_repeated_stems_are_named_by_relative_path(tmp_path):
+    for rel, value in (("a/u1.pt", 1), ("b/u1.pt", 2), ("b/c/u1.pt", 3), ("b/u2.pt", 4)):
+        write_extract_file(tmp_path / rel, units={6: torch.tensor([value], dtype=torch.int16)}, num_units={6: 8})
+    files = find_extract_files(tmp_path)
+    assert {name: path.relative_to(tmp_path).as_posix() for name, path in files.items()} == {
+        "a/u1": "a/u1.pt",
+        "b/c/u1": "b/c/u1.pt",
+        "b/u1": "b/u1.pt",
+        "u2": "b/u2.pt",
+    }
+    units = read_units_dir(tmp_path).units
+    assert {name: u.tolist() for name, u in units.items()} == {"a/u1": [1], "b/c/u1": [3], "b/u1": [2], "u2": [4]}
+
+
 def test_read_units_dir_errors(tmp_path):
     two_layers = {6: torch.zeros(2, dtype=torch.int16), 8: torch.zeros(2, dtype=torch.int16)}
     write_extract_file(tmp_path / "multi" / "u1.pt", units=two_layers, num_units={6: 8, 8: 8})
     with pytest.raises(ValueError, match=r"u1\.pt: holds layers 6, 8; choose one with --layer"):
         read_units_dir(tmp_path / "multi")
-    write_extract_file(tmp_path / "dup" / "a" / "u1.pt", units={6: torch.zeros(2)}, num_units={6: 8})
-    write_extract_file(tmp_path / "dup" / "b" / "u1.pt", units={6: torch.zeros(2)}, num_units={6: 8})
-    with pytest.raises(ValueError, match=r"two files for utterance 'u1': .*a/u1\.pt and .*b/u1\.pt"):
-        read_units_dir(tmp_path / "dup")
     write_extract_file(tmp_path / "k" / "u1.pt", units={6: torch.zeros(2, dtype=torch.int16)}, num_units={6: 8})
     write_extract_file(tmp_path / "k" / "u2.pt", units={6: torch.zeros(2, dtype=torch.int16)}, num_units={6: 16})
     with pytest.raises(ValueError, match=r"layer 6 has 8 units in .*u1\.pt but 16 in .*u2\.pt"):
@@ -441,6 +452,23 @@ def test_load_item_features_errors(tmp_path):
         load_item_features(read_item_file(item_file), item_file, features_dir)
     item_file.write_text(f"{HEADER}\nf1 0.0 0.1 a x y s\n")
     assert load_item_features(read_item_file(item_file), item_file, features_dir).data.dtype == torch.float32
+
+
+def test_item_files_name_repeated_stems_by_relative_path(tmp_path):
+    features_dir = tmp_path / "features"
+    for speaker, value in (("alice", 1.0), ("bob", 2.0)):
+        write_extract_file(features_dir / speaker / "utt00.pt", features={6: torch.full((10, 3), value)})
+    write_extract_file(features_dir / "carol" / "utt01.pt", features={6: torch.full((10, 3), 3.0)})
+    item_file = tmp_path / "x.item"
+    lines = ["bob/utt00 0.0 0.1 a x y bob", "alice/utt00 0.0 0.1 a x y alice", "carol/utt01 0.0 0.1 a x y c"]
+    item_file.write_text("\n".join([HEADER, *lines, "utt01 0.1 0.2 a x y c"]) + "\n")
+    loaded = load_item_features(read_item_file(item_file), item_file, features_dir)
+    firsts = [loaded.data[left, 0].item() for left, _ in loaded.spans]
+    assert firsts == [2.0, 1.0, 3.0, 3.0]  # a unique stem works either way
+    item_file.write_text(f"{HEADER}\nutt00 0.0 0.1 a x y s\n")
+    message = f"{item_file}, line 2: 'utt00' names 2 feature files in {features_dir} (alice/utt00, bob/utt00)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_item_features(read_item_file(item_file), item_file, features_dir)
 
 
 def block_fastabx(monkeypatch) -> None:

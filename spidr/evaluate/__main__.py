@@ -22,8 +22,9 @@ from spidr.evaluate.units import (
 UNITS_EPILOG = """\
 PHONES is a JSONL or JSONL.gz file of {"name": ..., "phones": ["SIL", "AH", ...]}, one label per 10 ms.
 UNITS is either a JSONL(.gz) file of {"name": ..., "units": [12, 12, 7, ...]}, one unit per 20 ms, or the
-output directory of spidr.extract (utterance name = file name without extension). Utterances found in only
-one of the two are skipped with a warning; having none in common is an error.
+output directory of spidr.extract (utterance name = file name without extension, or the path relative to
+that directory, e.g. alice/utt00, where names repeat in several folders). Utterances found in only one of
+the two are skipped with a warning; having none in common is an error.
 
 Examples:
   python -m spidr.evaluate units phones.jsonl.gz units.jsonl.gz --num-units 256 --layer 6
@@ -33,8 +34,9 @@ Examples:
 ABX_EPILOG = """\
 FEATURES is the output directory of spidr.extract (run with features), ITEM_FILE a ZeroSpeech item file
 with the columns "#file onset offset #phone prev-phone next-phone speaker" (onset and offset in seconds;
-#file is matched to the feature file name without extension). Needs fastabx: pip install 'spidr[eval]'
-on Python >= 3.12. Prints the ABX error rate in percent (lower is better, 50 % is chance).
+#file is matched to the feature file name without extension, or to its path relative to FEATURES, e.g.
+alice/utt00, which names repeated in several folders need). Needs fastabx: pip install 'spidr[eval]' on
+Python >= 3.12. Prints the ABX error rate in percent (lower is better, 50 % is chance).
 
 Examples:
   python -m spidr.evaluate abx extracted/ dev-clean.item --layer 6

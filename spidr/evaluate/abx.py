@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from spidr.evaluate.features import find_extract_files, load_extract_file
+from spidr.evaluate.features import find_extract_files, load_extract_file, relative_name
 
 __all__ = [
     "DISTANCES",
@@ -178,31 +178,42 @@ def load_item_features(
 
     Args:
         items: from :func:`read_item_file` of ``item_path`` (named in error messages).
-        features_dir: searched recursively; an item's ``#file`` is matched to a file stem.
+        features_dir: searched recursively; an item's ``#file`` is matched to a file stem, or to a path
+            relative to ``features_dir`` without ``.pt`` (needed where stems repeat, see
+            :func:`~spidr.evaluate.features.find_extract_files`).
         layer: 1-based layer; None is allowed when the files hold a single layer.
 
     Raises:
-        ValueError: an item names a file with no feature file (naming the item file, line and value); an
-            item is shorter than one frame, or runs past the end of its features; two feature files share a
-            stem; a file is not a spidr.extract file, has no features for the layer, or holds several
+        ValueError: an item names a file with no feature file, or a stem that several feature files share
+            (naming the item file, line and value); an item is shorter than one frame, or runs past the end
+            of its features; a file is not a spidr.extract file, has no features for the layer, or holds several
             layers while ``layer`` is None.
     """
     item_path = Path(item_path)
     files = find_extract_files(features_dir)
-    by_file: dict[str, list[int]] = {}
+    # An item's #file: a stem, or a path relative to features_dir (either works for every file).
+    relative = {relative_name(path, features_dir): path for path in files.values()}
+    by_file: dict[Path, list[int]] = {}
     for index, item in enumerate(items):
-        if item.file not in files:
+        path = files.get(item.file) or relative.get(item.file)
+        if path is None:
+            shared = sorted(name for name in relative if name.rpartition("/")[2] == item.file)
+            if shared:
+                raise ValueError(
+                    f"{item_path}, line {item.line}: {item.file!r} names {len(shared)} feature files in "
+                    f"{features_dir} ({', '.join(shared)}); name each by that path in the item file"
+                )
             raise ValueError(
                 f"{item_path}, line {item.line}: no feature file for {item.file!r} in {features_dir} "
                 f"(looked for {item.file}.pt in any subdirectory)"
             )
-        by_file.setdefault(item.file, []).append(index)
+        by_file.setdefault(path, []).append(index)
 
     parts: list[torch.Tensor] = []
     spans: list[tuple[int, int]] = [(0, 0)] * len(items)
     size = 0
-    for name, indices in by_file.items():
-        extract = load_extract_file(files[name])
+    for path, indices in by_file.items():
+        extract = load_extract_file(path)
         layer = extract.choose_layer(layer)
         features = extract.layer_tensor("features", layer)
         for index in indices:

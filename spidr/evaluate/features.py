@@ -4,50 +4,55 @@
 (format ``"spidr.extract/1"``) with the 1-based ``layers`` it contains, the number of 20 ms ``frames``,
 and ``features`` and/or ``units`` (with ``num_units``) keyed by layer. Evaluations identify an
 utterance by the file stem (the name without directory and extension), as ZeroSpeech item files and
-phone alignments do.
+phone alignments do, or by its path relative to the output directory where stems repeat
+(:func:`find_extract_files`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["EXTRACT_FORMAT", "ExtractFile", "find_extract_files", "load_extract_file"]
+__all__ = ["EXTRACT_FORMAT", "ExtractFile", "find_extract_files", "load_extract_file", "relative_name"]
 
 EXTRACT_FORMAT = "spidr.extract/1"
 _EXTENSION = ".pt"
 
 
 def find_extract_files(directory: str | Path) -> dict[str, Path]:
-    """Map each utterance name (file stem) to its ``.pt`` file, searching ``directory`` recursively.
+    """Map each utterance name to its ``.pt`` file, searching ``directory`` recursively.
 
-    Other files (``index.jsonl``, ``errors.jsonl``...) are ignored.
+    An utterance is named by its file stem (``utt00`` for ``alice/utt00.pt``), as ZeroSpeech item files and
+    phone alignments name them; where several files share a stem (``spidr.extract`` mirrors its input's
+    folders, so ``alice/utt00`` and ``bob/utt00`` may both exist), each of them is named by its path relative
+    to ``directory`` without the extension (``alice/utt00``, ``bob/utt00``). Other files (``index.jsonl``,
+    ``errors.jsonl``...) are ignored.
 
     Raises:
         NotADirectoryError: ``directory`` is not a directory.
-        ValueError: two files share a stem (the utterance would be ambiguous), naming both; or no ``.pt``
-            file was found.
+        ValueError: no ``.pt`` file was found.
     """
     root = Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory of spidr.extract outputs")
-    found: dict[str, Path] = {}
-    for path in sorted(root.rglob(f"*{_EXTENSION}")):
-        if not path.is_file():
-            continue
-        name = path.name.removesuffix(_EXTENSION)
-        if name in found:
-            raise ValueError(
-                f"{root}: two files for utterance {name!r}: {found[name]} and {path}; "
-                "utterances are identified by file name, so names must be unique"
-            )
-        found[name] = path
-    if not found:
+    paths = [path for path in sorted(root.rglob(f"*{_EXTENSION}")) if path.is_file()]
+    if not paths:
         raise ValueError(f"{root}: no {_EXTENSION} file found (expected the output directory of spidr.extract)")
-    return found
+    stems = Counter(_stem(path) for path in paths)
+    return {_stem(path) if stems[_stem(path)] == 1 else relative_name(path, root): path for path in paths}
+
+
+def relative_name(path: Path, root: str | Path) -> str:
+    """``path`` relative to ``root``, without the ``.pt`` extension, with ``/`` separators (``alice/utt00``)."""
+    return path.relative_to(root).as_posix().removesuffix(_EXTENSION)
+
+
+def _stem(path: Path) -> str:
+    return path.name.removesuffix(_EXTENSION)
 
 
 @dataclass(frozen=True)

@@ -295,11 +295,13 @@ def read_units_dir(directory: str | Path, *, layer: int | None = None) -> UnitsF
     """Read the units of ``layer`` from every ``.pt`` file under ``directory`` (written by ``spidr.extract``).
 
     Args:
-        directory: the extraction output directory, searched recursively.
+        directory: the extraction output directory, searched recursively; utterances are named by file
+            stem, or by path relative to it where stems repeat (see
+            :func:`~spidr.evaluate.features.find_extract_files`).
         layer: 1-based layer; None is allowed when the files hold a single layer.
 
     Raises:
-        ValueError: two files share a stem; a file is not a spidr.extract file, has no units for the layer,
+        ValueError: a file is not a spidr.extract file, has no units for the layer,
             or holds several layers while ``layer`` is None (listing them); or two files record different K
             (naming both).
     """
