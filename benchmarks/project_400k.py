@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import machine_line
 from spidr.config import DinoSRConfig, MaskingConfig, SpidRConfig
-from spidr.data.masks import compute_mask_indices
+from spidr.data.masks import MaskGenerator
 from spidr.models import DinoSR, SpidR
 from spidr.models.components import num_frames
 
@@ -82,18 +82,9 @@ class Layout:
 
 def measured_mask_fraction(frames: int, rows: int, *, seed: int = 0) -> float:
     """Masked fraction of our mask generator for ``rows`` rows of ``frames`` frames (the masking defaults)."""
-    masking = MaskingConfig()
-    mask = compute_mask_indices(
-        [frames] * rows,
-        frames,
-        mask_prob=masking.mask_prob,
-        mask_length=masking.mask_length,
-        mask_selection=masking.mask_selection,
-        mask_other=masking.mask_other,
-        no_mask_overlap=masking.no_mask_overlap,
-        mask_min_space=masking.mask_min_space,
-        rng=seed,
-    )
+    padding_mask = torch.zeros((rows, frames), dtype=torch.bool)
+    mask, _ = MaskGenerator(MaskingConfig())(padding_mask, generator=torch.Generator().manual_seed(seed))
+    assert mask is not None  # mask_prob > 0 by default
     return mask.shape[1] / frames
 
 

@@ -135,9 +135,9 @@ def newest_loadable(folder: str | Path) -> tuple[Path, Any] | None:
 
 
 def prune(folder: str | Path, keep_latest: int, *, keep: str | Path | None = None) -> None:
-    """Delete all but the ``keep_latest`` newest ``step_N.pt`` files (-1 keeps everything); ``keep`` (the
-    checkpoint just written) is never deleted."""
-    if keep_latest < 0:
+    """Delete all but the ``keep_latest`` newest ``step_N.pt`` files (0 or less keeps everything, as in the
+    reference release); ``keep`` (the checkpoint just written) is never deleted."""
+    if keep_latest <= 0:
         return
     kept = Path(keep).resolve() if keep is not None else None
     steps = [p for p in list_checkpoints(folder) if p.name != "final.pt"]

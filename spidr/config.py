@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 __all__ = [
     "DEFAULT_CONV_LAYER_CONFIG",
@@ -28,8 +28,10 @@ __all__ = [
     "DataConfig",
     "DinoSRConfig",
     "MaskingConfig",
+    "MaskingStrategy",
     "ModelType",
     "OptimizerConfig",
+    "ResumeConfig",
     "RunConfig",
     "SlurmConfig",
     "SpidRConfig",
@@ -138,26 +140,19 @@ def _check_model_config(cfg: DinoSRConfig) -> None:
         fail("encoder_pos_conv_groups", f"a divisor of encoder_embed_dim ({cfg.encoder_embed_dim})")
     if cfg.num_codebooks > cfg.encoder_num_layers:
         fail("num_codebooks", f"at most encoder_num_layers ({cfg.encoder_num_layers})")
+    # Only values that cannot work are refused (a dropout probability outside [0, 1] makes torch raise when the
+    # model is built, a zero timescale divides by zero at the first step): every config the reference release
+    # trains with loads here too, unusual ones (a layer drop or decay above 1, a negative freeze_step) included.
     for name in (
         "encoder_projection_dropout",
         "encoder_attention_dropout",
         "encoder_ff_interm_dropout",
         "encoder_dropout",
-        "encoder_layer_drop",
-        "codebook_decay",
-        "ema_start_decay",
-        "ema_final_decay",
     ):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             fail(name, "a number in [0, 1]")
-    for name in ("ema_final_step", "freeze_step"):
-        if getattr(cfg, name) < 0:
-            fail(name, "a non-negative integer")
-    if isinstance(cfg, SpidRConfig):
-        if not cfg.ema_timescale > 0:  # also refuses NaN
-            fail("ema_timescale", "a positive number")
-        if not cfg.ema_threshold >= 0:
-            fail("ema_threshold", "a non-negative number")
+    if isinstance(cfg, SpidRConfig) and not cfg.ema_timescale > 0:  # also refuses NaN
+        fail("ema_timescale", "a positive number")
 
 
 T = TypeVar("T")
@@ -238,6 +233,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise bad()
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if typing.is_typeddict(tp):
+        if not isinstance(value, Mapping):
+            raise bad()
+        keys = typing.get_type_hints(tp)
+        unknown = [k for k in value if k not in keys]
+        if unknown:
+            raise ConfigError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(keys))}")
+        return {str(k): _coerce(v, keys[k], f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -310,19 +313,24 @@ def _require(ok: bool, where: str, value: object, expected: str) -> None:
 _MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1]
 
 
-@dataclass(frozen=True)
-class SlurmConfig:
-    """Where validation jobs run under SLURM (the ``run.slurm_validation`` table)."""
+class SlurmConfig(TypedDict, total=False):
+    """SLURM resources of a job (the ``run.slurm_validation`` table; ``python -m spidr``'s options).
+
+    A plain dict, as in the reference release: ``SlurmConfig(account="a", nodes=1, gpus_per_node=1)`` and
+    ``cfg["qos"] = "high"`` both work. A ``run.slurm_validation`` table may give any subset of the keys:
+    ``nodes`` and ``gpus_per_node`` default to 1, and without ``account`` the job is submitted to the SLURM
+    account of the training job (``$SLURM_JOB_ACCOUNT``), else to the user's default account.
+    """
 
     account: str
-    nodes: int = 1
-    gpus_per_node: int = 1
-    qos: str | None = None
-    time: int | None = None
-    cpus_per_task: int | None = None
-    mem_per_gpu: str | None = None
-    constraint: str | None = None
-    partition: str | None = None
+    nodes: int
+    gpus_per_node: int
+    qos: str
+    time: int
+    cpus_per_task: int
+    mem_per_gpu: str
+    constraint: str
+    partition: str
 
 
 @dataclass(frozen=True)
@@ -350,17 +358,16 @@ class RunConfig:
             0 <= self.random_seed <= _MAX_SEED, "run.random_seed", self.random_seed, f"an integer in [0, {_MAX_SEED}]"
         )
         _require(self.log_interval > 0, "run.log_interval", self.log_interval, "a positive integer")
-        _require(self.save_interval >= 0, "run.save_interval", self.save_interval, "a non-negative integer")
-        _require(self.keep_latest >= -1, "run.keep_latest", self.keep_latest, "-1 (keep all) or a count >= 0")
+        # save_interval <= 0 means no periodic checkpoints, keep_latest <= 0 keeps them all (the release's reading).
         _require(0 <= self.max_bad_fraction <= 1, "run.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
         _require(
             self.max_nonfinite_steps > 0, "run.max_nonfinite_steps", self.max_nonfinite_steps, "a positive integer"
         )
 
     @property
-    def dir(self) -> str:
-        """The run directory: ``workdir/wandb_project/wandb_name``."""
-        return f"{self.workdir}/{self.wandb_project}/{self.wandb_name}"
+    def dir(self) -> Path:
+        """The run directory, absolute: ``workdir/wandb_project/wandb_name`` with ``workdir`` resolved."""
+        return Path(self.workdir).resolve() / self.wandb_project / self.wandb_name
 
 
 @dataclass(frozen=True)
@@ -386,7 +393,9 @@ class DataConfig:
     resample: bool = False  # resample / downmix audio that is not 16 kHz mono instead of skipping it
 
     def __post_init__(self) -> None:
-        for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
+        _require(self.num_buckets >= 0, "data.num_buckets", self.num_buckets, "a non-negative integer")
+        _require(self.min_sample_size >= 0, "data.min_sample_size", self.min_sample_size, "a non-negative integer")
+        for name in ("max_sample_size", "max_batch_length"):
             _require(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "a positive integer")
         _require(
             self.min_sample_size <= self.max_sample_size,
@@ -424,14 +433,20 @@ class OptimizerConfig:
     to_freeze: list[str] = field(default_factory=lambda: ["feature_extractor", "feature_projection"])
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
+        _require(self.lr >= 0, "optimizer.lr", self.lr, "a non-negative number")
         for i, beta in enumerate(self.betas):
             _require(0 <= beta < 1, f"optimizer.betas[{i}]", beta, "a number in [0, 1)")
         for name in ("weight_decay", "eps", "max_norm", "init_lr_scale", "final_lr_scale"):
             _require(getattr(self, name) >= 0, f"optimizer.{name}", getattr(self, name), "a non-negative number")
         for name in ("max_steps", "warmup_steps", "hold_steps", "decay_steps", "rsqrt_shift"):
             _require(getattr(self, name) >= 0, f"optimizer.{name}", getattr(self, name), "a non-negative integer")
-        _require(self.rsqrt_timescale > 0, "optimizer.rsqrt_timescale", self.rsqrt_timescale, "a positive integer")
+        if self.scheduler == "rsqrt":
+            _require(
+                self.rsqrt_timescale > 0,
+                "optimizer.rsqrt_timescale",
+                self.rsqrt_timescale,
+                "a positive integer with scheduler = 'rsqrt'",
+            )
 
     @property
     def mixed_precision(self) -> bool:
@@ -456,9 +471,15 @@ class MaskingConfig:
     mask_channel_min_space: int = 1
 
     def __post_init__(self) -> None:
-        _require(0 <= self.mask_prob <= 1, "masking.mask_prob", self.mask_prob, "a number in [0, 1]")
+        _require(self.mask_prob >= 0, "masking.mask_prob", self.mask_prob, "a non-negative number")
         _require(self.mask_length >= 1, "masking.mask_length", self.mask_length, "a positive integer")
-        _require(self.mask_other >= 0, "masking.mask_other", self.mask_other, "a non-negative number")
+        if self.mask_selection == "normal":
+            _require(
+                self.mask_other >= 0,
+                "masking.mask_other",
+                self.mask_other,
+                "a non-negative standard deviation with mask_selection = 'normal'",
+            )
         if self.mask_selection == "uniform":
             _require(
                 int(self.mask_other) <= 2 * self.mask_length,
@@ -466,9 +487,8 @@ class MaskingConfig:
                 self.mask_other,
                 f"at most 2 * masking.mask_length ({2 * self.mask_length}) with mask_selection = 'uniform'",
             )
-        _require(self.mask_min_space >= 0, "masking.mask_min_space", self.mask_min_space, "a non-negative integer")
         _require(
-            0 <= self.mask_channel_prob <= 1, "masking.mask_channel_prob", self.mask_channel_prob, "a number in [0, 1]"
+            self.mask_channel_prob >= 0, "masking.mask_channel_prob", self.mask_channel_prob, "a non-negative number"
         )
 
 
@@ -486,16 +506,33 @@ class Config:
     def __post_init__(self) -> None:
         from spidr.models.components import receptive_field  # spidr.models imports this module
 
+        # Every batch is cut to at most max_sample_size samples: below the receptive field no batch has a frame,
+        # so that failure is certain. A min_sample_size below it is not (the files shorter than the receptive
+        # field are left out when the manifest is read, with a warning naming data.min_sample_size).
         needed = receptive_field(self.model.extractor_conv_layer_config)
         tables = [("data", self.data), *((f"validation.{name}", table) for name, table in self.validation.items())]
         for where, table in tables:
-            for name in ("min_sample_size", "max_sample_size"):
-                _require(
-                    getattr(table, name) >= needed,
-                    f"{where}.{name}",
-                    getattr(table, name),
-                    f"at least the model's receptive field ({needed} samples, from model.extractor_conv_layer_config)",
-                )
+            _require(
+                table.max_sample_size >= needed,
+                f"{where}.max_sample_size",
+                table.max_sample_size,
+                f"at least the model's receptive field ({needed} samples, from model.extractor_conv_layer_config)",
+            )
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """What a validation job needs to know about the checkpoint it validates (the reference release's type).
+
+    Attributes:
+        step: the training step of the checkpoint.
+        checkpoint: the checkpoint file (``None``: nothing to validate).
+        results: the JSONL file the validation results are appended to.
+    """
+
+    step: int
+    checkpoint: Path | None
+    results: Path
 
 
 _TABLES = ("run", "data", "model", "optimizer", "masking", "validation")

@@ -104,9 +104,9 @@ def list_inputs(source: str | os.PathLike[str], ext: str = ".wav") -> list[Item]
             raise ExtractionError(f"INPUT {path}: no '{ext}' files found (use --ext to pick another extension)")
         return items
     if path.suffix.lower() in (".csv", ".jsonl", ".tsv"):
-        from spidr.data.manifests import read_manifest
+        from spidr.data.manifests import read_entries
 
-        entries = read_manifest(path)
+        entries = read_entries(path)
         if not entries:
             raise ExtractionError(f"INPUT {path}: the manifest lists no files")
         full = [_tar_member_path(e) if e.archive else os.path.abspath(e.path) for e in entries]

@@ -141,7 +141,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: Env) -> None:
         from spidr.data.loader import TrainingData  # data dependencies (polars, torchcodec) only when training
-        from spidr.data.manifests import read_manifest
+        from spidr.data.manifests import read_entries
 
         self.cfg, self.env = cfg, env
         self.dir = Path(cfg.run.dir)
@@ -164,7 +164,7 @@ class Trainer:
             max_bad_fraction=cfg.run.max_bad_fraction,
         )
         for table in cfg.validation.values():  # a bad validation manifest is refused now, not at the first save
-            read_manifest(table.manifest)
+            read_entries(table.manifest)
         self.step, self.epoch = 0, 0
         self.nonfinite_in_a_row = 0
         self.counters = {"skipped_steps": 0}
@@ -388,7 +388,7 @@ class Trainer:
                                 "elapsed_s": time.perf_counter() - start,
                             }
                         )
-                    if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < max_steps:
+                    if cfg.run.save_interval > 0 and self.step % cfg.run.save_interval == 0 and self.step < max_steps:
                         self.save(f"step_{self.step}.pt")
                 if self.stop.signal is not None:
                     return True

@@ -205,17 +205,44 @@ def check_masks(mask: torch.Tensor, lengths: list[int]) -> None:
         assert all(0 <= p < length for p in row)
 
 
+def masks(
+    lengths: list[int],
+    frames: int,
+    *,
+    mask_prob: float = 0.8,
+    mask_length: int = 10,
+    mask_selection: str = "static",
+    mask_other: float = 0.0,
+    no_mask_overlap: bool = False,
+    mask_min_space: int = 1,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """compute_mask_indices (the release's signature) for rows of the given unpadded lengths."""
+    padding_mask = torch.arange(frames)[None, :] >= torch.tensor(lengths)[:, None]
+    return compute_mask_indices(
+        (len(lengths), frames),
+        padding_mask,
+        mask_prob,
+        mask_length,
+        mask_selection,
+        mask_other,
+        2,
+        mask_min_space,
+        no_overlap=no_mask_overlap,
+        generator=generator,
+    )
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
 @pytest.mark.parametrize("no_overlap", [False, True])
 def test_masks_shape_sorted_within_lengths(selection: str, no_overlap: bool) -> None:
     lengths = [500, 499, 320, 121, 60, 33]
-    mask = compute_mask_indices(
-        lengths,
-        500,
-        mask_selection=selection,
-        mask_other=2.0,
-        no_mask_overlap=no_overlap,
-        rng=np.random.default_rng(0),
+    mask = masks(
+        lengths, 500, mask_selection=selection, mask_other=2.0, no_mask_overlap=no_overlap, generator=seeded(0)
     )
     check_masks(mask, lengths)
     assert mask.shape[1] > 0
@@ -233,50 +260,52 @@ def expected_static_fraction(frames: int, mask_prob: float, span: int) -> float:
 
 
 def test_static_mask_fraction_matches_the_formula() -> None:
-    rng = np.random.default_rng(0)
+    generator = seeded(0)
     expected = expected_static_fraction(500, 0.8, 10)  # 40 spans of 10 among 490 starts
     assert 0.55 < expected < 0.58
-    fractions = [compute_mask_indices([500], 500, rng=rng).shape[1] / 500 for _ in range(300)]
+    fractions = [masks([500], 500, generator=generator).shape[1] / 500 for _ in range(300)]
     assert 0.5 <= np.mean(fractions) <= 0.8
     assert abs(np.mean(fractions) - expected) < 0.01
     # A batch keeps the smallest count of its rows: a bit lower, but still most of the expected fraction.
-    batch = compute_mask_indices([500] * 8, 500, rng=rng)
+    batch = masks([500] * 8, 500, generator=generator)
     assert 0.4 <= batch.shape[1] / 500 <= expected
 
 
 def test_masks_reproducible_with_the_same_seed() -> None:
     lengths = [400, 350, 390]
-    a = compute_mask_indices(lengths, 400, rng=np.random.default_rng(11))
-    b = compute_mask_indices(lengths, 400, rng=np.random.default_rng(11))
-    c = compute_mask_indices(lengths, 400, rng=np.random.default_rng(12))
+    a = masks(lengths, 400, generator=seeded(11))
+    b = masks(lengths, 400, generator=seeded(11))
+    c = masks(lengths, 400, generator=seeded(12))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(a, compute_mask_indices(lengths, 400, rng=11))
+    torch.manual_seed(11)  # generator=None draws from the global generator
+    padding_mask = torch.arange(400)[None, :] >= torch.tensor(lengths)[:, None]
+    d = compute_mask_indices((3, 400), padding_mask, 0.8, 10, "static", 0.0, 2, 1, no_overlap=False, generator=None)
+    assert torch.equal(a, d)
 
 
 def test_masks_with_padding_stay_within_each_row() -> None:
     rng = np.random.default_rng(1)
+    generator = seeded(1)
     for _ in range(20):
         lengths = rng.integers(1, 300, size=6).tolist()
-        mask = compute_mask_indices(lengths, 300, rng=rng)
-        check_masks(mask, lengths)
+        check_masks(masks(lengths, 300, generator=generator), lengths)
 
 
 def test_rows_shorter_than_a_span() -> None:
-    rng = np.random.default_rng(2)
+    generator = seeded(2)
     for no_overlap in (False, True):
         for length in range(13):
-            mask = compute_mask_indices([length, 12], 12, no_mask_overlap=no_overlap, rng=rng)
+            mask = masks([length, 12], 12, no_mask_overlap=no_overlap, generator=generator)
             check_masks(mask, [length, 12])
-    assert compute_mask_indices([0, 100], 100, rng=rng).shape == (2, 0)
-    mask = compute_mask_indices([5, 5], 5, rng=rng)
-    assert mask.shape[1] >= 1
+    assert masks([0, 100], 100, generator=generator).shape == (2, 0)
+    assert masks([5, 5], 5, generator=generator).shape[1] >= 1
 
 
 def test_non_overlapping_spans_are_separated() -> None:
-    rng = np.random.default_rng(3)
+    generator = seeded(3)
     for min_space in (1, 3):
         for _ in range(10):
-            row = compute_mask_indices([500], 500, no_mask_overlap=True, mask_min_space=min_space, rng=rng)[0]
+            row = masks([500], 500, no_mask_overlap=True, mask_min_space=min_space, generator=generator)[0]
             masked = np.zeros(500, dtype=bool)
             masked[row.numpy()] = True
             edges = np.flatnonzero(np.diff(np.concatenate([[0], masked.astype(np.int8), [0]])))
@@ -287,11 +316,19 @@ def test_non_overlapping_spans_are_separated() -> None:
 
 
 def test_no_masking_and_bad_options() -> None:
-    assert compute_mask_indices([50, 40], 50, mask_prob=0.0, rng=0).shape == (2, 0)
-    with pytest.raises(ValueError, match="mask_selection"):
-        compute_mask_indices([50], 50, mask_selection="gamma", rng=0)
-    with pytest.raises(ValueError, match="frames"):
-        compute_mask_indices([60], 50, rng=0)
+    # The release's rule: mask_prob = 0 still draws min_masks spans; the collator masks nothing then.
+    spans = masks([50, 40], 50, mask_prob=0.0, generator=seeded(0))
+    assert 10 <= spans.shape[1] <= 20  # two spans of 10, which may overlap
+    batch = collate(ramps([5000, 4000]), [0, 1], mask_prob=0.0, rng=0)
+    assert batch.mask_indices.shape == (2, 0)
+    with pytest.raises(ValueError, match="unknown mask strategy 'gamma'"):
+        masks([50], 50, mask_selection="gamma", generator=seeded(0))
+    with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor of shape \(1, 50\)"):
+        compute_mask_indices(
+            (1, 50), torch.zeros(1, 60, dtype=torch.bool), 0.8, 10, "static", 0, 2, 1, no_overlap=False, generator=None
+        )
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor"):
+        compute_mask_indices((1, 50), torch.zeros(1, 50), 0.8, 10, "static", 0, 2, 1, no_overlap=False, generator=None)
 
 
 # ------------------------------------------------------------------------------------------------ collate
@@ -302,7 +339,7 @@ def ramps(sizes: list[int]) -> list[torch.Tensor]:
 
 def test_collate_crops_to_the_shortest_at_random_offsets() -> None:
     sizes = [16_000, 23_456, 40_000, 17_001]
-    rng = np.random.default_rng(0)
+    rng = torch.Generator().manual_seed(0)
     offsets = set()
     for _ in range(10):
         batch = collate(ramps(sizes), [3, 1, 4, 1], enable_padding=False, rand_crop=True, rng=rng)
@@ -323,7 +360,7 @@ def test_collate_crops_to_the_shortest_at_random_offsets() -> None:
 
 def test_collate_pads_to_the_longest() -> None:
     sizes = [16_000, 23_456, 40_000, 5_000]
-    batch = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=True, rng=np.random.default_rng(0))
+    batch = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=True, rng=0)
     frames = num_frames(40_000, DEFAULT_CONV_LAYER_CONFIG)
     assert batch.waveforms.shape == (4, 40_000)
     assert batch.lengths.tolist() == sizes
@@ -353,8 +390,8 @@ def test_collate_padding_caps_long_files_and_skips_masks_without_padding() -> No
 @pytest.mark.parametrize("enable_padding", [False, True])
 def test_collate_frame_lengths_masks_and_reproducibility(enable_padding: bool) -> None:
     sizes = [32_000, 31_999, 40_321, 48_000]
-    first = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=enable_padding, rng=np.random.default_rng(5))
-    again = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=enable_padding, rng=np.random.default_rng(5))
+    first = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=enable_padding, rng=5)
+    again = collate(ramps(sizes), [0, 1, 2, 3], enable_padding=enable_padding, rng=5)
     assert first.frame_lengths.dtype == torch.int64 and first.lengths.dtype == torch.int64
     assert first.frame_lengths.tolist() == [num_frames(n, DEFAULT_CONV_LAYER_CONFIG) for n in first.lengths.tolist()]
     assert first.mask_indices.shape[1] > 0
@@ -365,8 +402,8 @@ def test_collate_frame_lengths_masks_and_reproducibility(enable_padding: bool) -
 
 
 def test_sampler_and_collate_together_respect_the_budget() -> None:
-    rng = np.random.default_rng(9)
-    lengths = rng.integers(1_000, 12_000, size=300).tolist()
+    lengths = np.random.default_rng(9).integers(1_000, 12_000, size=300).tolist()
+    rng = torch.Generator().manual_seed(9)
     for padding in (False, True):
         s = BucketBatchSampler(
             lengths, max_batch_length=60_000, min_sample_size=2_000, max_sample_size=8_000, enable_padding=padding

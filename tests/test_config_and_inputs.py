@@ -63,10 +63,12 @@ def test_out_of_range_values_are_refused():
         SpidRConfig(num_codebooks=13)
     with pytest.raises(ConfigError, match=r"encoder_num_heads = 7"):
         SpidRConfig(encoder_num_heads=7)
-    with pytest.raises(ConfigError, match=r"codebook_decay = 1.5"):
-        DinoSRConfig(codebook_decay=1.5)
-    with pytest.raises(ConfigError, match=r"freeze_step = -1"):
-        DinoSRConfig(freeze_step=-1)
+    with pytest.raises(ConfigError, match=r"encoder_dropout = 1.5 is invalid: expected a number in \[0, 1\]"):
+        DinoSRConfig(encoder_dropout=1.5)
+    with pytest.raises(ConfigError, match=r"ema_timescale = 0"):
+        SpidRConfig(ema_timescale=0)
+    # Values the reference release trains with, however unusual, are accepted (it does not check them).
+    assert DinoSRConfig(codebook_decay=1.5, freeze_step=-1, encoder_layer_drop=1.0).freeze_step == -1
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from spidr.config import (
     read_config,
 )
 from spidr.data.audio import AudioError, audio_info, load_audio
-from spidr.data.manifests import AudioEntry, ManifestError, read_manifest
+from spidr.data.manifests import AudioEntry, ManifestError, read_entries
 from spidr.models import CheckpointError, DinoSR, build_model, spidr_base
 from spidr.models.pretrained import load_checkpoint_file
 from tests.conftest import REPO
@@ -48,7 +48,7 @@ ALLOWED: dict[str, tuple[type[BaseException], ...]] = {
     "spidr.ops": (TypeError, ValueError),
     "load_audio": (AudioError,),
     "audio_info": (AudioError,),
-    "read_manifest": (ManifestError,),
+    "read_entries": (ManifestError,),
     "read_config": (ConfigError,),
     "load_checkpoint_file": (CheckpointError,),
     "build_model": (CheckpointError,),  # with cfg given and an existing file: no ConfigError, no FileNotFoundError
@@ -284,7 +284,7 @@ def test_manifest_fuzz(tmp_path):
         path = tmp_path / f"m{i}{Path(kind).suffix or kind}"
         path.write_bytes(data)
         check = rng.random() < 0.3
-        ok, entries = attempt("read_manifest", (path.name, data), read_manifest, path, check_exists=check)
+        ok, entries = attempt("read_entries", (path.name, data), read_entries, path, check_exists=check)
         if ok:
             for entry in entries:
                 assert isinstance(entry, AudioEntry) and isinstance(entry.num_samples, int), (path.name, data)

@@ -31,7 +31,7 @@ import spidr.ops as ops
 from spidr.config import ConfigError, DinoSRConfig, from_mapping, read_config
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.loader import TrainingData
-from spidr.data.manifests import ManifestError, read_manifest
+from spidr.data.manifests import ManifestError, read_entries
 from spidr.models import (
     CheckpointError,
     build_model,
@@ -391,7 +391,7 @@ def test_a_bad_manifest_is_refused_before_training(tools, tmp_path, table, conte
     [
         ("run.log_interval=often", "run.log_interval = 'often' has the wrong type: expected int"),
         ("optimizer.max_steps=-5", "optimizer.max_steps = -5 is invalid: expected a non-negative integer"),
-        ("masking.mask_prob=1.5", "masking.mask_prob = 1.5 is invalid: expected a number in [0, 1]"),
+        ("masking.mask_prob=-0.5", "masking.mask_prob = -0.5 is invalid: expected a non-negative number"),
         ("model.num_codebooks=5", "model.num_codebooks = 5 is invalid: expected at most encoder_num_layers (4)"),
     ],
 )
@@ -409,10 +409,19 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_starts(tools, tmp_p
         (["run.random_seed=4294967296"], r"run\.random_seed = 4294967296 is invalid: expected an integer in \[0, "),
         (["data.random_seed=-3"], r"data\.random_seed = -3 is invalid: expected an integer in \[0, 4294967295\]"),
         (["data.prefetch_factor=0"], r"data\.prefetch_factor = 0 is invalid: expected a positive integer"),
-        (["data.min_sample_size=300"], r"data\.min_sample_size = 300 is invalid: expected at least the model's recep"),
+        (
+            ["data.max_sample_size=300"],
+            r"data\.min_sample_size = 16000 is invalid: expected at most data\.max_sample_",
+        ),
+        (
+            ["data.min_sample_size=100", "data.max_sample_size=300"],
+            r"data\.max_sample_size = 300 is invalid: expected at least the model's receptive field \(400 samples",
+        ),
         (["model.ema_timescale=0"], r"model\.ema_timescale = 0\.0 is invalid: expected a positive number"),
-        (["model.ema_threshold=-1"], r"model\.ema_threshold = -1\.0 is invalid: expected a non-negative number"),
-        (["masking.mask_other=-1"], r"masking\.mask_other = -1\.0 is invalid: expected a non-negative number"),
+        (
+            ["masking.mask_selection=normal", "masking.mask_other=-1"],
+            r"masking\.mask_other = -1\.0 is invalid: expected a non-negative standard deviation with mask_sel",
+        ),
         (["optimizer.lr=Infinity"], r"optimizer\.lr = inf is invalid: expected a finite number"),
         (["optimizer.betas=[0.9, NaN]"], r"optimizer\.betas\[1\] = nan is invalid: expected a finite number"),
         (
@@ -420,8 +429,12 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_starts(tools, tmp_p
             r"masking\.mask_other = 21\.0 is invalid: expected at most 2 \* masking\.mask_length \(10\) with",
         ),
         (
-            ["validation.dev.manifest=dev.csv", "validation.dev.min_sample_size=300"],
-            r"validation\.dev\.min_sample_size = 300 is invalid: expected at least the model's receptive field \(400",
+            [
+                "validation.dev.manifest=dev.csv",
+                "validation.dev.min_sample_size=10",
+                "validation.dev.max_sample_size=300",
+            ],
+            r"validation\.dev\.max_sample_size = 300 is invalid: expected at least the model's receptive field \(400",
         ),
         (
             ["validation.dev.manifest=dev.csv", "validation.dev.max_sample_size=399"],
@@ -440,7 +453,7 @@ def test_text_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
     with pytest.raises(
         ManifestError, match=rf"^{re.escape(str(manifest))}, line 2: not UTF-8 text \(byte 0xff at offset 27"
     ):
-        read_manifest(manifest)
+        read_entries(manifest)
     config = tmp_path / "c.toml"
     config.write_bytes(b'[run]\nworkdir = "\xe9"\n')
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: not UTF-8 text \(line 2, byte 0xe9\)"):
@@ -680,7 +693,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_the_rerun_finish
 
 @pytest.mark.parametrize(
     ("sig", "keep_latest", "kept"),
-    [(signal.SIGTERM, 0, ["step_3.pt"]), (signal.SIGUSR1, -1, ["step_2.pt", "step_3.pt"])],
+    [(signal.SIGTERM, 1, ["step_3.pt"]), (signal.SIGUSR1, 0, ["step_2.pt", "step_3.pt"])],
     ids=["SIGTERM", "SIGUSR1"],
 )
 def test_a_signal_saves_and_exits_and_the_rerun_resumes_exactly(
@@ -694,7 +707,7 @@ def test_a_signal_saves_and_exits_and_the_rerun_resumes_exactly(
     assert proc.wait(timeout=120) == 0, stderr.read_text()[-3000:]
     assert f"Received signal {int(sig)}: saving and exiting" in stderr.read_text()
     run = tmp_path / "demo" / "run"
-    assert sorted(p.name for p in run.glob("*.pt")) == kept  # keep_latest = 0 never deletes the one just saved
+    assert sorted(p.name for p in run.glob("*.pt")) == kept  # keep_latest = 1 keeps the one just saved; 0 keeps all
     assert load(run / "step_3.pt")["step"] == 3
     if sig == signal.SIGUSR1:  # SIGTERM's save and exit are also covered by test_train.py
         rerun = train(tools, tmp_path)

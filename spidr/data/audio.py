@@ -29,12 +29,11 @@ if TYPE_CHECKING:
 
     from spidr.data.manifests import AudioEntry
 
-__all__ = ["SAMPLE_RATE", "AudioError", "audio_info", "load_audio"]
+from spidr.config import SAMPLE_RATE
+
+__all__ = ["SAMPLE_RATE", "AudioError", "audio_info", "decode_audio", "load_audio"]
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16_000
-"""The sample rate every SpidR/DinoSR model expects."""
 
 MIN_RESAMPLED_RATE = 1_000
 """Files below this rate are not resampled: such a rate comes from a corrupt header, and upsampling from it would
@@ -339,6 +338,22 @@ def audio_info(source: str | os.PathLike[str] | AudioEntry) -> tuple[int, int, i
         if duration is not None:
             return metadata.sample_rate, metadata.num_channels, round(duration * metadata.sample_rate)
         return metadata.sample_rate, metadata.num_channels, int(_torchcodec_samples(decoder, blob.name).shape[1])
+
+
+def decode_audio(source: str | os.PathLike[str] | AudioEntry) -> tuple[torch.Tensor, int]:
+    """Decode an utterance as it is stored: ``(samples, sample_rate)``, float32 samples of shape
+    ``(channels, frames)`` at the file's own rate (no downmix, no resampling; see :func:`load_audio` for that).
+
+    Raises:
+        AudioError: naming the file (and the archive for a tar member): missing, empty, corrupt, truncated or
+            undecodable audio, or no samples.
+    """
+    blob = _blob(source)
+    decoded = _decode_wav(source) if blob.suffix == ".wav" else None
+    samples, rate = decoded if decoded is not None else _decode_torchcodec(source)
+    if samples.numel() == 0:
+        raise AudioError(f"{blob.name}: no samples after decoding")
+    return samples.to(torch.float32), rate
 
 
 def load_audio(

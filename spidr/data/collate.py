@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from spidr.config import DEFAULT_CONV_LAYER_CONFIG
-from spidr.data.masks import MaskSelection, compute_mask_indices
+from spidr.config import DEFAULT_CONV_LAYER_CONFIG, MaskingStrategy
+from spidr.data.masks import compute_mask_indices
 from spidr.models.components import num_frames
 
 __all__ = ["Batch", "collate"]
@@ -62,12 +61,12 @@ def collate(
     max_sample_size: int | None = 320_000,
     mask_prob: float = 0.8,
     mask_length: int = 10,
-    mask_selection: MaskSelection = "static",
+    mask_selection: MaskingStrategy = "static",
     mask_other: float = 0.0,
     no_mask_overlap: bool = False,
     mask_min_space: int = 1,
     min_masks: int = 2,
-    rng: np.random.Generator | int,
+    rng: torch.Generator | int | None,
 ) -> Batch:
     """Collate 1-D waveforms into a :class:`Batch`.
 
@@ -75,7 +74,9 @@ def collate(
     or the longest (``enable_padding``), in both cases at most ``max_sample_size``. A longer waveform is cut at a
     random offset drawn from ``rng`` (``rand_crop``) or from its start; with padding, shorter ones are followed
     by zeros. Span masks are drawn over the real frames of each row (:func:`spidr.data.masks.compute_mask_indices`
-    with the masking options).
+    with the masking options; none at all when ``mask_prob`` is 0). The random numbers are drawn in the
+    reference release's order (each crop offset as ``randint(length - target)``, then the masks), so the same
+    generator state gives the release's batch.
 
     Args:
         waveforms: 1-D tensors of samples, one per file.
@@ -86,9 +87,10 @@ def collate(
         max_sample_size: Longest row in samples (``None``: no cap).
         mask_prob, mask_length, mask_selection, mask_other, no_mask_overlap, mask_min_space, min_masks: Masking
             options (``MaskingConfig`` names).
-        rng: Numpy generator (or an int seed) drawing the crop offsets and the masks.
+        rng: the torch generator (or an int seed) drawing the crop offsets and the masks; ``None`` draws from
+            torch's global generator.
     """
-    generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    generator = torch.Generator().manual_seed(rng) if isinstance(rng, int) else rng
     if len(waveforms) == 0:
         raise ValueError("cannot collate an empty batch")
     if len(indices) != len(waveforms):
@@ -105,7 +107,9 @@ def collate(
     lengths = torch.empty(len(waveforms), dtype=torch.int64)
     for i, (wav, size) in enumerate(zip(waveforms, sizes, strict=True)):
         length = min(size, target)
-        offset = int(generator.integers(0, size - length + 1)) if rand_crop and size > length else 0
+        offset = (
+            int(torch.randint(size - length, size=(1,), generator=generator)) if rand_crop and size > length else 0
+        )
         batch[i, :length] = wav[offset : offset + length].to(torch.float32)
         lengths[i] = length
 
@@ -115,18 +119,21 @@ def collate(
     padded = torch.arange(frames).unsqueeze(0) >= frame_lengths.unsqueeze(1)
     padding_mask = padded if bool(padded.any()) else None
     attention_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
-    mask_indices = compute_mask_indices(
-        frame_lengths,
-        frames,
-        mask_prob=mask_prob,
-        mask_length=mask_length,
-        mask_selection=mask_selection,
-        mask_other=mask_other,
-        no_mask_overlap=no_mask_overlap,
-        mask_min_space=mask_min_space,
-        min_masks=min_masks,
-        rng=generator,
-    )
+    if mask_prob > 0:
+        mask_indices = compute_mask_indices(
+            (len(waveforms), frames),
+            padded,
+            mask_prob,
+            mask_length,
+            mask_selection,
+            mask_other,
+            min_masks,
+            mask_min_space,
+            no_overlap=no_mask_overlap,
+            generator=generator,
+        )
+    else:
+        mask_indices = torch.zeros((len(waveforms), 0), dtype=torch.int64)
     return Batch(
         waveforms=batch,
         lengths=lengths,

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from spidr.config import DataConfig, DinoSRConfig, MaskingConfig
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.collate import Batch, collate
-from spidr.data.manifests import read_manifest
+from spidr.data.dataset import min_length_for_model
+from spidr.data.manifests import read_entries
 from spidr.data.samplers import BucketBatchSampler
 from spidr.models.components import receptive_field
 
@@ -88,11 +89,12 @@ class TrainingData:
     ) -> None:
         self.cfg, self.masking, self.model_cfg = cfg, masking, model
         self.max_bad_fraction = max_bad_fraction
-        self.entries = read_manifest(cfg.manifest)
+        self.entries = read_entries(cfg.manifest)
+        lengths = [e.num_samples for e in self.entries]
         self.sampler = BucketBatchSampler(
-            [e.num_samples for e in self.entries],
+            lengths,
             max_batch_length=cfg.max_batch_length,
-            min_sample_size=cfg.min_sample_size,
+            min_sample_size=min_length_for_model(cfg, lengths, model.extractor_conv_layer_config),
             max_sample_size=cfg.max_sample_size,
             num_buckets=cfg.num_buckets,
             bucket_method=cfg.bucket_method,
@@ -104,7 +106,9 @@ class TrainingData:
         )
         if self.sampler.dropped:
             logger.info(
-                "%d files shorter than %d samples are left out", len(self.sampler.dropped), cfg.min_sample_size
+                "%d files shorter than %d samples are left out",
+                len(self.sampler.dropped),
+                self.sampler.min_sample_size,
             )
         self.judge_after = min(JUDGE_AFTER_FILES, len(self.entries) - len(self.sampler.dropped))
         self.bad_files = 0
@@ -120,7 +124,9 @@ class TrainingData:
         self._last_counts = (len(items), len(items) - len(good))
         if not good:
             return None
-        rng = np.random.default_rng([self.cfg.random_seed, epoch, position])
+        # One generator per batch, seeded by (seed, epoch, position): a resumed run draws the same batch.
+        seed = int(np.random.SeedSequence([self.cfg.random_seed, epoch, position]).generate_state(1)[0])
+        rng = torch.Generator().manual_seed(seed)
         return collate(
             [wav for _, wav in good],
             [index for index, _ in good],

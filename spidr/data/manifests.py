@@ -23,7 +23,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
     import polars as pl
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 __all__ = [
     "ArchiveError",
     "AudioEntry",
+    "CompressedArchiveError",
     "ManifestError",
+    "NoAudioFileError",
+    "read_entries",
     "read_manifest",
     "scan_directory",
     "scan_tar",
@@ -66,6 +69,19 @@ class ArchiveError(ValueError):
     """An archive that cannot be indexed: not a tar, compressed, or holding compressed members."""
 
 
+class CompressedArchiveError(ArchiveError):
+    """A compressed archive, or an archive holding compressed members: audio is read at byte offsets, so a tar
+    must be uncompressed (the reference release's name)."""
+
+
+class NoAudioFileError(ArchiveError):
+    """No audio file with the requested extension in a dataset (the reference release's name and arguments)."""
+
+    def __init__(self, archive: str | os.PathLike[str], file_extension: str) -> None:
+        super().__init__(f"No file found in {archive} with extension `{file_extension}`.")
+        self.archive, self.file_extension = str(archive), file_extension
+
+
 @dataclass(frozen=True, slots=True)
 class AudioEntry:
     """One utterance of a manifest.
@@ -94,12 +110,12 @@ def _fail(
 # Reading.
 
 
-def read_manifest(path: str | os.PathLike[str], *, check_exists: bool = False) -> list[AudioEntry]:
-    """Read a ``.csv``, ``.jsonl`` or fairseq ``.tsv`` manifest.
+def read_entries(path: str | os.PathLike[str], *, check_exists: bool = False) -> list[AudioEntry]:
+    """Read a ``.csv``, ``.jsonl`` or fairseq ``.tsv`` manifest as a list of :class:`AudioEntry`.
 
     Paths come back absolute: relative ones are joined to the manifest's directory (CSV, JSONL) or to the
     dataset root (TSV). For tar members, ``archive`` is resolved that way and ``path`` stays the member's name.
-    Blank lines are skipped.
+    Blank lines are skipped; columns other than the manifest's own are allowed and ignored.
 
     Args:
         path: the manifest; its suffix picks the format.
@@ -122,6 +138,46 @@ def read_manifest(path: str | os.PathLike[str], *, check_exists: bool = False) -
     if suffix == ".tsv":
         return _read_tsv(manifest, check_exists)
     return _read_table(manifest, suffix == ".csv", check_exists)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """Read a manifest as a polars DataFrame, as the reference release does (its ``read_manifest``).
+
+    CSV and JSONL come back with the file's own columns (``fileid``, ``path``, ``num_samples``, the tar columns,
+    and any other), values as written and types inferred by polars; a fairseq TSV as the columns ``fileid`` (the
+    relative path, as the release names it), ``path`` (the root joined to it) and ``num_samples``. Relative paths
+    are left as written (:func:`read_entries` resolves them against the manifest's directory).
+
+    Raises:
+        ManifestError: the manifest is checked as :func:`read_entries` checks it first (a missing column, a bad
+            value...: the message names the manifest, the line and the column).
+    """
+    import polars as pl
+
+    read_entries(path)
+    manifest = Path(path)
+    suffix = manifest.suffix.lower()
+    if suffix == ".csv":
+        return pl.read_csv(manifest)
+    if suffix == ".jsonl":
+        return pl.read_ndjson(manifest) if _has_content(manifest) else pl.DataFrame(schema=dict.fromkeys(BASE_COLUMNS))
+    with manifest.open(encoding="utf-8-sig", newline="") as file:
+        lines = file.read().splitlines()
+    written = lines[0].strip()
+    root = (
+        str(Path(written))
+        if os.path.isabs(written) or os.path.isdir(written)
+        else _join(manifest.resolve().parent, written)
+    )
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    return pl.DataFrame(
+        {
+            "fileid": [relative for relative, _ in rows],
+            "path": [f"{root.rstrip(os.sep)}{os.sep}{relative}" for relative, _ in rows],
+            "num_samples": [int(count) for _, count in rows],
+        },
+        schema={"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64},
+    )
 
 
 def _check_utf8(manifest: Path) -> None:
@@ -231,10 +287,7 @@ def _check_columns(manifest: Path, frame: pl.DataFrame, columns: list[str], is_c
         return _line_of(manifest, frame, int(frame[column].is_not_null().arg_true()[0]), is_csv)
 
     seen = set()
-    for column in columns:
-        if column not in BASE_COLUMNS + TAR_COLUMNS:
-            message = f"unexpected column (a manifest has the columns {_HEADER_HELP})"
-            raise _fail(manifest, message, first_line(column), column)
+    for column in columns:  # other columns (a speaker, a duration...) are allowed and left aside
         if column in seen:
             raise _fail(manifest, "duplicate column", 1, column)
         seen.add(column)
@@ -257,6 +310,7 @@ def _as_strings(manifest: Path, frame: pl.DataFrame, is_csv: bool) -> pl.DataFra
     """All columns as strings (CSV already is); JSONL values of the wrong JSON type are reported by line."""
     import polars as pl
 
+    frame = frame.select(column for column in frame.columns if column in BASE_COLUMNS + TAR_COLUMNS)
     if is_csv:
         return frame
     for column, dtype in frame.schema.items():
@@ -342,9 +396,7 @@ def _jsonl_scan_error(manifest: Path, reason: str) -> ManifestError:
                 return _fail(manifest, f"expected a JSON object, got {type(record).__name__}", number)
             for key, value in record.items():
                 if key not in names:
-                    return _fail(
-                        manifest, f"unexpected column (a manifest has the columns {_HEADER_HELP})", number, key
-                    )
+                    continue
                 if value is None or (isinstance(value, str) and names[key] is int):
                     continue
                 if isinstance(value, bool) or not isinstance(value, names[key]):
@@ -424,13 +476,18 @@ def _join(base: str | Path, path: str) -> str:
 
 
 def write_manifest(
-    entries: Iterable[AudioEntry], path: str | os.PathLike[str], *, fairseq_root: str | os.PathLike[str] | None = None
+    entries: Iterable[AudioEntry],
+    path: str | os.PathLike[str],
+    *,
+    fairseq_root: str | os.PathLike[str] | None = None,
+    file_format: Literal["csv", "jsonl"] | None = None,
 ) -> None:
     """Write entries as a manifest whose format is picked by the suffix of ``path`` (``.csv`` or ``.jsonl``).
 
     With ``fairseq_root`` (required for a ``.tsv``), write a fairseq TSV instead: the root on the first line, then
     each path relative to it; every entry must then be a file under the root (not a tar member). CSV/JSONL get
     the tar columns when some entry is a tar member. Paths are written as they are in the entries.
+    ``file_format`` writes CSV or JSONL whatever the suffix.
 
     Raises:
         ManifestError: unknown suffix, a ``.tsv`` without ``fairseq_root``, or entries that a TSV cannot hold.
@@ -441,6 +498,8 @@ def write_manifest(
     if fairseq_root is not None:
         _write_tsv(entries, manifest, Path(fairseq_root))
         return
+    if file_format is not None:
+        suffix = f".{file_format}"
     if suffix == ".tsv":
         raise _fail(manifest, "a fairseq .tsv manifest needs fairseq_root (the dataset root on its first line)")
     if suffix not in (".csv", ".jsonl"):
@@ -571,7 +630,7 @@ def scan_tar(path: str | os.PathLike[str], ext: str = ".wav", *, progress: bool 
     with archive.open("rb") as file:
         kind = _compression(file.read(8))
     if kind is not None:
-        raise ArchiveError(
+        raise CompressedArchiveError(
             f"{path}: {kind}-compressed archive; audio is read at byte offsets inside the tar, so it must be an "
             "uncompressed .tar (decompress it first, e.g. with gunzip, bunzip2 or unxz)"
         )
@@ -585,7 +644,9 @@ def scan_tar(path: str | os.PathLike[str], ext: str = ".wav", *, progress: bool 
         for member in members:
             name = member.name.lower()
             if any(name.endswith(ext.lower() + suffix) for suffix in _COMPRESSED_SUFFIXES):
-                raise ArchiveError(f"{path}: member {member.name} is compressed; store the audio uncompressed")
+                raise CompressedArchiveError(
+                    f"{path}: member {member.name} is compressed; store the audio uncompressed"
+                )
             if not name.endswith(ext.lower()):
                 continue
             if member.issparse():
@@ -593,7 +654,8 @@ def scan_tar(path: str | os.PathLike[str], ext: str = ".wav", *, progress: bool 
             file.seek(member.offset_data)
             kind = _compression(file.read(8))
             if kind is not None:
-                raise ArchiveError(f"{path}: member {member.name} is {kind}-compressed; store the audio uncompressed")
+                message = f"{path}: member {member.name} is {kind}-compressed; store the audio uncompressed"
+                raise CompressedArchiveError(message)
             wanted.append(member)
     wanted.sort(key=lambda member: member.name)
     entries, formats = [], {}

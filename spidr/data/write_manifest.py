@@ -1,15 +1,33 @@
-"""Command line: write the manifest of a directory of audio files or of an uncompressed tar archive.
+"""Write the manifest of a directory of audio files or of an uncompressed tar archive.
 
-Run ``python -m spidr.data.write_manifest --help`` for the options.
+The command line: ``python -m spidr.data.write_manifest DATASET OUTPUT`` (``--help`` for the options). The
+functions, with the reference release's names and arguments: :func:`write_manifest` (CSV of a directory),
+:func:`write_manifest_fairseq` (fairseq TSV of a directory), :func:`write_manifest_tar` (CSV of a tar archive).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from spidr.data import manifests as _manifests
+from spidr.data.manifests import CompressedArchiveError, NoAudioFileError
+from spidr.data.utils import bytes_from_archive, num_samples
+
+__all__ = [
+    "CompressedArchiveError",
+    "NoAudioFileError",
+    "bytes_from_archive",
+    "main",
+    "num_samples",
+    "write_manifest",
+    "write_manifest_fairseq",
+    "write_manifest_tar",
+]
 
 _DESCRIPTION = """\
 Write the manifest of a dataset: one row per audio file, with its number of samples read from the audio header.
@@ -27,6 +45,64 @@ examples:
   python -m spidr.data.write_manifest /data/shards/train-000.tar train-000.jsonl
   python -m spidr.data.write_manifest /data/my_corpus train.tsv --fairseq
 """
+
+
+def _scan_directory(dataset: str | os.PathLike[str], file_extension: str) -> list[_manifests.AudioEntry]:
+    if not Path(dataset).is_dir():
+        raise NotADirectoryError(f"{dataset}: not a directory")
+    entries = _manifests.scan_directory(dataset, file_extension, progress=True)
+    if not entries:
+        raise NoAudioFileError(dataset, file_extension)
+    return entries
+
+
+def write_manifest(
+    dataset: str | os.PathLike[str], output: str | os.PathLike[str], file_extension: str = ".wav"
+) -> None:
+    """Write a CSV manifest (``fileid,path,num_samples``, absolute paths, sorted) of every ``*file_extension``
+    file under the directory ``dataset`` (recursively), with a progress bar.
+
+    Raises:
+        NotADirectoryError: ``dataset`` is not a directory.
+        NoAudioFileError: no such file under it.
+        spidr.data.audio.AudioError: a file whose header cannot be read (named).
+    """
+    jsonl = Path(output).suffix.lower() == ".jsonl"
+    _manifests.write_manifest(
+        _scan_directory(dataset, file_extension), output, file_format="jsonl" if jsonl else "csv"
+    )
+
+
+def write_manifest_fairseq(
+    dataset: str | os.PathLike[str], output: str | os.PathLike[str], file_extension: str = ".wav"
+) -> None:
+    """Write a fairseq TSV manifest of the directory ``dataset``: its absolute path on the first line, then
+    ``relative_path<TAB>num_samples`` for every ``*file_extension`` file under it (recursively, sorted).
+
+    Raises:
+        NotADirectoryError, NoAudioFileError, spidr.data.audio.AudioError: as :func:`write_manifest`.
+    """
+    _manifests.write_manifest(_scan_directory(dataset, file_extension), output, fairseq_root=dataset)
+
+
+def write_manifest_tar(
+    dataset: str | os.PathLike[str], output: str | os.PathLike[str], file_extension: str = ".wav"
+) -> None:
+    """Write a CSV manifest (``fileid,path,num_samples,archive,byte_offset,byte_size``) of every
+    ``*file_extension`` member of the uncompressed tar archive ``dataset``: ``path`` is the member's name,
+    ``archive`` the archive's absolute path, and the member's data are the ``byte_size`` bytes at ``byte_offset``.
+
+    Raises:
+        FileNotFoundError: no such archive.
+        ValueError: not a tar archive (``spidr.data.manifests.ArchiveError``).
+        CompressedArchiveError: a compressed archive (.tar.gz...) or compressed members.
+        NoAudioFileError: no such member.
+    """
+    entries = _manifests.scan_tar(dataset, file_extension, progress=True)
+    if not entries:
+        raise NoAudioFileError(dataset, file_extension)
+    jsonl = Path(output).suffix.lower() == ".jsonl"
+    _manifests.write_manifest(entries, output, file_format="jsonl" if jsonl else "csv")
 
 
 def _parser() -> argparse.ArgumentParser:
