@@ -8,30 +8,37 @@ import os
 import sys
 from pathlib import Path
 
-from spidr.config import ConfigError, SlurmConfig, read_config
-from spidr.slurm import TrainTask, submit
+from spidr.config import ConfigError, read_config
+from spidr.slurm import TrainTask, default_train_job_config, slurm_config_parse_args, submit
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # a known cluster's defaults for the options below, as in the reference release
+        cluster = default_train_job_config(os.environ.get("SPIDR_CLUSTER"))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog="python -m spidr",
         description="Submit one SLURM training job per config through submitit: NODES x GPUS_PER_NODE tasks, "
         "one per GPU, requeued on pre-emption or time-out and resumed from the newest checkpoint. "
         "Each checkpoint is validated in a job of its own when run.slurm_validation is set.",
         epilog="Example: python -m spidr configs/base_spidr.toml -A myaccount -N 4 -G 4 -t 1200 --dump ~/submitit\n"
-        "Check first: add --dry-run to print what would be submitted.",
+        "Check first: add --dry-run to print what would be submitted.\n"
+        "SPIDR_CLUSTER=JZ_V100|JZ_A100|JZ_H100|FAIR_AWS_A100 sets that cluster's defaults for -c, --mem-per-gpu, -t "
+        "and -C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("configs", type=Path, nargs="+", help="training config(s), .toml or .json")
     parser.add_argument("-A", "--account", required=True, help="SLURM account")
     parser.add_argument("-N", "--nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("-G", "--gpus-per-node", type=int, required=True, help="GPUs (= tasks) per node")
-    parser.add_argument("-c", "--cpus-per-task", type=int, help="CPUs per task")
-    parser.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 80G")
-    parser.add_argument("-t", "--time", type=int, help="time limit in minutes")
-    parser.add_argument("-C", "--constraint", help="SLURM constraint, e.g. a100")
-    parser.add_argument("-p", "--partition", help="SLURM partition")
-    parser.add_argument("-q", "--qos", help="SLURM QoS")
+    parser.add_argument("-c", "--cpus-per-task", type=int, default=cluster.get("cpus_per_task"), help="CPUs per task")
+    parser.add_argument("--mem-per-gpu", default=cluster.get("mem_per_gpu"), help="memory per GPU, e.g. 80G")
+    parser.add_argument("-t", "--time", type=int, default=cluster.get("time"), help="time limit in minutes")
+    parser.add_argument("-C", "--constraint", default=cluster.get("constraint"), help="SLURM constraint, e.g. a100")
+    parser.add_argument("-p", "--partition", default=cluster.get("partition"), help="SLURM partition")
+    parser.add_argument("-q", "--qos", default=cluster.get("qos"), help="SLURM QoS")
     parser.add_argument(
         "--dump",
         type=Path,
@@ -45,17 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    slurm = SlurmConfig(
-        account=args.account,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task,
-        mem_per_gpu=args.mem_per_gpu,
-        time=args.time,
-        constraint=args.constraint,
-        partition=args.partition,
-        qos=args.qos,
-    )
+    slurm = slurm_config_parse_args(args)
     try:  # every config is checked before anything is submitted
         configs = [(path, read_config(path, args.set)) for path in args.configs]
     except (ConfigError, FileNotFoundError) as error:

@@ -3,17 +3,27 @@ one validation job per checkpoint.
 
 A requeued training job runs the same command again, which resumes from the newest complete
 checkpoint in the run directory (SIGTERM, sent by SLURM before it stops a job, also saves one).
+
+The reference release's launcher is here too, with its names and arguments: :func:`launch_with_submitit`
+(a batch of ``(function, args)`` jobs), :func:`slurm_config_parse_args`, :func:`default_train_job_config`,
+:func:`validation_job_config`, :func:`make_checkpointable`. submitit is imported only when a job is submitted.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from spidr.config import Config, SlurmConfig
+from spidr.tools.git import write_git_info_if_available
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +71,29 @@ class ValidateTask:
         return self.checkpoint
 
 
+_OPTIONAL_KEYS = ("cpus_per_task", "mem_per_gpu", "time", "constraint", "partition", "qos")
+
+
 def executor_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters: one task per GPU, nodes x GPUs tasks in all."""
+    """submitit SlurmExecutor parameters: one task per GPU, nodes x GPUs tasks in all.
+
+    ``nodes`` and ``gpus_per_node`` default to 1; without ``account`` the job goes to the account of the SLURM
+    job this runs in (``$SLURM_JOB_ACCOUNT``), else to the user's default account.
+    """
+    unknown = sorted(set(slurm) - set(SlurmConfig.__annotations__))
+    if unknown:
+        raise ValueError(f"unknown SLURM option {unknown[0]!r}; valid: {', '.join(SlurmConfig.__annotations__)}")
+    gpus = int(slurm.get("gpus_per_node", 1))
     params: dict[str, Any] = {
         "job_name": job_name,
-        "account": slurm.account,
-        "nodes": slurm.nodes,
-        "ntasks_per_node": slurm.gpus_per_node,
-        "gpus_per_node": slurm.gpus_per_node,
+        "nodes": int(slurm.get("nodes", 1)),
+        "ntasks_per_node": gpus,
+        "gpus_per_node": gpus,
     }
-    optional = {
-        "cpus_per_task": slurm.cpus_per_task,
-        "mem_per_gpu": slurm.mem_per_gpu,
-        "time": slurm.time,
-        "constraint": slurm.constraint,
-        "partition": slurm.partition,
-        "qos": slurm.qos,
-    }
-    params.update({k: v for k, v in optional.items() if v is not None})
+    account = slurm.get("account") or os.environ.get("SLURM_JOB_ACCOUNT")
+    if account:
+        params["account"] = account
+    params.update({k: slurm[k] for k in _OPTIONAL_KEYS if slurm.get(k) is not None})  # type: ignore[literal-required]
     return params
 
 
@@ -107,3 +122,140 @@ def submit_validation(cfg: Config, config_json: Path, checkpoint: Path) -> str |
     folder = Path(os.environ.get("SPIDR_SUBMITIT_FOLDER", Path(cfg.run.dir) / "submitit"))
     task = ValidateTask(str(config_json), str(checkpoint))
     return submit(task, cfg.run.slurm_validation, folder, f"{cfg.run.wandb_name}-val-{checkpoint.stem}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The reference release's launcher (spidr 0.2.0's names and arguments).
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+_CLUSTERS: dict[str, dict[str, Any]] = {
+    "JZ_V100": {"time": 1200, "cpus_per_task": 10, "mem_per_gpu": None, "constraint": None},
+    "JZ_A100": {"time": 1200, "cpus_per_task": 8, "mem_per_gpu": None, "constraint": "a100"},
+    "JZ_H100": {"time": 1200, "cpus_per_task": 24, "mem_per_gpu": None, "constraint": "h100"},
+    "FAIR_AWS_A100": {"time": 4320, "cpus_per_task": 12, "mem_per_gpu": "80g", "constraint": None},
+}
+
+
+def default_train_job_config(cluster_name: str | None) -> dict[str, Any]:
+    """Default SLURM options of a known cluster (``$SPIDR_CLUSTER``): ``{}`` for ``None``.
+
+    Raises:
+        ValueError: an unknown cluster name (the message lists the known ones).
+    """
+    if cluster_name is None:
+        return {}
+    if cluster_name not in _CLUSTERS:
+        raise ValueError(f"Unknown cluster {cluster_name!r} (SPIDR_CLUSTER); known: {', '.join(_CLUSTERS)}")
+    return dict(_CLUSTERS[cluster_name])
+
+
+def validation_job_config() -> SlurmConfig:
+    """Resources of a validation job launched from inside a SLURM job: one GPU for an hour, on the job's
+    account and with its CPUs per task.
+
+    Raises:
+        ValueError: not inside a SLURM job (``SLURM_JOB_ACCOUNT`` or ``SLURM_CPUS_PER_TASK`` unset).
+    """
+    try:
+        account, cpus = os.environ["SLURM_JOB_ACCOUNT"], os.environ["SLURM_CPUS_PER_TASK"]
+    except KeyError as error:
+        raise ValueError(f"validation_job_config() is for SLURM jobs only: ${error.args[0]} is not set") from None
+    return SlurmConfig(account=account, nodes=1, gpus_per_node=1, time=60, cpus_per_task=int(cpus))
+
+
+def slurm_config_parse_args(args: argparse.Namespace) -> SlurmConfig:
+    """The :class:`~spidr.config.SlurmConfig` of parsed ``-A -N -G [-c --mem-per-gpu -t -C -p -q]`` options
+    (options left unset are left out)."""
+    config = SlurmConfig(account=args.account, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    for key in _OPTIONAL_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value  # type: ignore[literal-required]
+    return config
+
+
+def current_codebase_path() -> Path:
+    """The directory that holds the ``spidr`` package (the repository root of an editable install)."""
+    return Path(__file__).resolve().parent.parent
+
+
+_NOT_COPIED = (
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    "*.ipynb",
+    "*.err",
+    "*.out",
+    "*.log",
+    "*.pt",
+    ".ruff_cache",
+    ".mypy_cache",
+)
+
+
+def copy_code_to_submitit_folder(output_dir: Path) -> None:
+    """Copy the code base (:func:`current_codebase_path`, without checkpoints, logs, caches or ``.git``) to
+    ``output_dir``, so that a job runs the code as it was when it was submitted."""
+    root = current_codebase_path()
+    logger.info("Copying %s to %s", root, output_dir)
+    shutil.copytree(root, output_dir, ignore=shutil.ignore_patterns(*_NOT_COPIED), dirs_exist_ok=True, symlinks=False)
+
+
+def make_checkpointable(fn: Callable[P, T]) -> Callable[P, T]:
+    """Give ``fn`` submitit's ``checkpoint`` hook: on pre-emption or time-out, the job is requeued with the
+    same arguments (the training loop resumes from its newest checkpoint)."""
+    import submitit
+
+    def checkpoint(*args: P.args, **kwargs: P.kwargs) -> Any:
+        return submitit.helpers.DelayedSubmission(fn, *args, **kwargs)
+
+    fn.checkpoint = checkpoint  # type: ignore[attr-defined]
+    return fn
+
+
+def launch_with_submitit(
+    job_name: str,
+    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+    dump: str | Path,
+    slurm: SlurmConfig,
+    *,
+    copy_code: bool = False,
+) -> bool:
+    """Submit ``jobs`` (``(function, args)`` pairs) as one submitit batch with ``slurm``'s resources.
+
+    The logs go to ``dump/job_name`` (``dump/job_name_<UTC time>`` when that exists), beside ``job-info.json``
+    and the git state of the code; with ``copy_code`` the code base is copied there first and the jobs run from
+    the copy. Every job is requeued on pre-emption or time-out. Returns False when SLURM refused the batch.
+    """
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    launch_time = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    folder = Path(dump) / job_name
+    if folder.is_dir():
+        folder = Path(dump) / f"{job_name}_{launch_time}"
+    folder.mkdir(parents=True)
+    write_git_info_if_available(folder)
+    info = {"job_name": job_name, "launch_time": launch_time, **slurm}
+    (folder / "job-info.json").write_text(json.dumps(info, indent=2))
+    params = executor_parameters(slurm, job_name)
+    with submitit.helpers.clean_env():
+        previous = Path.cwd()
+        if copy_code:
+            copy_code_to_submitit_folder(folder / "code")
+            os.chdir(folder / "code")  # the jobs import the copy
+        try:
+            executor = submitit.SlurmExecutor(folder=folder / "%j")
+            executor.update_parameters(**params)
+            with executor.batch():
+                for fn, args in jobs:
+                    executor.submit(make_checkpointable(fn), *args)
+        except FailedJobError as error:
+            logger.warning("SLURM refused %s: %s", job_name, error)
+            return False
+        finally:
+            os.chdir(previous)
+    logger.info("Submitted %s (%d jobs), logs in %s", job_name, len(jobs), folder)
+    return True
