@@ -61,8 +61,6 @@ def verify_lengths(min_len: int, max_len: int, batch_size: int | None, max_token
         problems.append("max_token_count or batch_size must be set")
     if max_token_count is not None and max_len > max_token_count:
         problems.append(f"max_len ({max_len}) must be at most max_token_count ({max_token_count})")
-    if batch_size is not None and batch_size < 1:
-        problems.append(f"batch_size must be at least 1, got {batch_size}")
     if problems:
         raise ValueError("; ".join(problems))
 
