@@ -1,4 +1,8 @@
-"""Training checkpoints: atomic saves, the newest one loaded on restart, ``keep_latest`` honoured."""
+"""Training checkpoints: atomic saves, the newest one loaded on restart, ``keep_latest`` honoured.
+
+The reference release's names are here too: :class:`Checkpointer`, :class:`Checkpoint`, :func:`find_checkpoints`,
+:func:`remove_param_group` and :class:`~spidr.tools.MetricsQueue`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,35 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import GradScaler, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
-from spidr.models.pretrained import CheckpointError, load_checkpoint_file
+from spidr.models.pretrained import CheckpointError, load_checkpoint_file, load_state_dict_checked
+from spidr.optim import load_scheduler_state, remove_param_group
+from spidr.tools.metrics_queue import MetricsQueue
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "Checkpointer",
+    "MetricsQueue",
+    "find_checkpoints",
+    "list_checkpoints",
+    "newest_loadable",
+    "prune",
+    "remove_param_group",
+    "remove_temporaries",
+    "save_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +171,165 @@ def prune(folder: str | Path, keep_latest: int, *, keep: str | Path | None = Non
     for path in steps[: max(0, len(steps) - keep_latest)]:
         if path.resolve() != kept:
             path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The reference release's checkpoint API (spidr 0.2.0's names and arguments), on the functions above.
+
+
+def find_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first: ``step_N.pt`` by N, then ``final.pt``."""
+    return list_checkpoints(folder)
+
+
+@dataclass
+class Checkpoint:
+    """What a :class:`Checkpointer` saves and restores."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    scaler: GradScaler
+    epoch: torch.Tensor
+    step: torch.Tensor
+
+
+class Checkpointer:
+    """Save and restore a training state in ``folder`` every ``interval`` steps (the reference release's class).
+
+    A checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``step``, written
+    atomically (:func:`save_atomic`); ``keep_latest`` > 0 keeps that many ``step_N.pt``. Validation results of
+    separate jobs go to ``metrics.jsonl``, read in step order by :meth:`find_new_metrics`. Checkpoints of
+    ``python -m spidr.train`` load too (their extra entries are ignored here).
+
+    Args:
+        folder: the run directory (created).
+        interval: save every this many steps (0 or less: never, as ``disable``).
+        keep_latest: how many ``step_N.pt`` to keep (0 or less: all).
+        disable: neither save nor load.
+        start: the first step whose validation results are expected.
+    """
+
+    def __init__(
+        self, folder: Path, interval: int, keep_latest: int = -1, *, disable: bool = False, start: int = 0
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.interval, self.keep_latest = interval, keep_latest
+        self.disable = disable or interval <= 0
+        self._path: Path | None = None
+        self._state: Checkpoint | None = None
+        self._metrics_queue = MetricsQueue(self.metrics, max(interval, 1), start=start)
+
+    def _require_state(self) -> Checkpoint:
+        if self._state is None:
+            raise RuntimeError("Checkpointer.init_state(model, optimizer, scheduler, scaler) must be called first")
+        return self._state
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The step of the state (an int64 tensor of shape (1,))."""
+        return self._require_state().step
+
+    @property
+    def epoch(self) -> torch.Tensor:
+        """The epoch of the state (an int64 tensor of shape (1,))."""
+        return self._require_state().epoch
+
+    @property
+    def last(self) -> Path | None:
+        """The checkpoint saved or loaded last, else the newest one in the folder, else None."""
+        if self._path is None:
+            checkpoints = find_checkpoints(self.folder)
+            self._path = checkpoints[-1] if checkpoints else None
+        return self._path
+
+    @property
+    def metrics(self) -> Path:
+        """The JSONL file of validation results."""
+        return self.folder / "metrics.jsonl"
+
+    def init_state(self, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, scaler: GradScaler) -> None:
+        """Register the objects to save and restore, at step 0 and epoch 0."""
+        zero = torch.zeros(1, dtype=torch.long)
+        self._state = Checkpoint(model, optimizer, scheduler, scaler, epoch=zero.clone(), step=zero.clone())
+
+    def _save_to_path(self, path: Path, step: int, epoch: int) -> bool:
+        if self.disable:
+            return False
+        state = self._require_state()
+        state.step.fill_(step)
+        state.epoch.fill_(epoch)
+        model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "epoch": state.epoch,
+                "step": state.step,
+            },
+            path,
+        )
+        self._path = path
+        prune(self.folder, self.keep_latest, keep=path)
+        return True
+
+    def save(self, step: int, epoch: int, *, force: bool = False) -> bool:
+        """Save ``step_<step>.pt`` when ``step`` is a multiple of the interval (or ``force``); True if saved."""
+        if self.disable or not (force or step % self.interval == 0):
+            return False
+        return self._save_to_path(self.folder / f"step_{step}.pt", step, epoch)
+
+    def save_final(self, step: int, epoch: int) -> bool:
+        """Save ``final.pt``; True if saved."""
+        return self._save_to_path(self.folder / "final.pt", step, epoch)
+
+    def _load_from_path(self, path: Path) -> bool:
+        if self.disable or not path.is_file():
+            return False
+        state = self._require_state()
+        if path.name == "final.pt":
+            logger.warning("Loading the final checkpoint %s", path)
+        ckpt = load_checkpoint_file(path)
+        missing = [key for key in ("model", "optimizer", "scheduler", "step", "epoch") if key not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} is not a training checkpoint: no {', '.join(missing)}")
+        model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+        weights = dict(ckpt["model"])
+        consume_prefix_in_state_dict_if_present(weights, "module.")
+        load_state_dict_checked(model, weights, str(path))
+        state.step = torch.as_tensor(ckpt["step"], dtype=torch.long).reshape(1)
+        state.epoch = torch.as_tensor(ckpt["epoch"], dtype=torch.long).reshape(1)
+        if ckpt.get("scaler"):
+            state.scaler.load_state_dict(ckpt["scaler"])
+        freeze_step = getattr(model, "freeze_step", None)
+        current = getattr(model, "current_step", None)
+        if freeze_step is not None and current is not None and int(current) >= freeze_step:
+            model.freeze_extractor()  # type: ignore[operator]
+            if len(state.optimizer.param_groups) > 1:
+                remove_param_group(state.optimizer, state.scheduler, 1)
+        saved_groups = len(ckpt["optimizer"]["param_groups"])
+        if len(state.optimizer.param_groups) != saved_groups:
+            raise CheckpointError(
+                f"{path}: the optimizer has {len(state.optimizer.param_groups)} parameter group(s), the checkpoint "
+                f"{saved_groups}"
+            )
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        load_scheduler_state(state.scheduler, ckpt["scheduler"])
+        self._path = path
+        return True
+
+    def load_existing_run(self) -> bool:
+        """Restore the newest checkpoint of the folder; False when there is none."""
+        path = self.last
+        return path is not None and self._load_from_path(path)
+
+    def load(self, step: int) -> bool:
+        """Restore ``step_<step>.pt``; False when it does not exist."""
+        return self._load_from_path(self.folder / f"step_{step}.pt")
+
+    def find_new_metrics(self) -> Iterator[dict[str, Any]]:
+        """The validation results added to ``metrics.jsonl`` that can be logged now, in step order."""
+        yield from self._metrics_queue()

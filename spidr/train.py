@@ -30,20 +30,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from spidr.checkpoint import CheckpointSaveError, newest_loadable, prune, remove_temporaries, save_atomic
 from spidr.config import Config, ConfigError, config_to_dict, read_config
 from spidr.models import CheckpointError, DinoSR, build_model
 from spidr.models.pretrained import load_state_dict_checked
-from spidr.optim import build_optimizer, drop_frozen_group
+from spidr.optim import build_optimizer, drop_frozen_group, load_scheduler_state
 
 logger = logging.getLogger("spidr.train")
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
 
-# What a training checkpoint holds besides the model (see Trainer.state).
+# What a training checkpoint holds (see Trainer.state); the reference release's lack "data" and "rng".
 TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "data", "rng")
+RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "step", "epoch")
 
 
 class TrainingError(RuntimeError):
@@ -227,11 +229,11 @@ class Trainer:
         if found is None:
             return False
         path, state = found
-        if not isinstance(state, dict) or any(key not in state for key in TRAINING_STATE_KEYS):
+        if not isinstance(state, dict) or any(key not in state for key in RESUMABLE_KEYS):
             present = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(
-                f"{path} is not a training checkpoint of spidr.train (expected the entries "
-                f"{', '.join(TRAINING_STATE_KEYS)}; found {present}); move it out of {self.dir} to start afresh"
+                f"{path} is not a training checkpoint of spidr.train or of the reference release (expected the "
+                f"entries {', '.join(RESUMABLE_KEYS)}; found {present}); move it out of {self.dir} to start afresh"
             )
         stated = state.get("model_type", self.cfg.run.model_type)
         if stated != self.cfg.run.model_type:
@@ -240,17 +242,32 @@ class Trainer:
                 "run.wandb_name for a new run"
             )
         model = unwrap(self.model)
-        load_state_dict_checked(model, state["model"], str(path))
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        weights = dict(state["model"])
+        consume_prefix_in_state_dict_if_present(weights, "module.")
+        load_state_dict_checked(model, weights, str(path))
+        # The release saves step and epoch as (1,) tensors, and its epochs count from 1: the one in progress.
+        self.step = int(torch.as_tensor(state["step"]).reshape(-1)[0])
+        self.epoch = int(torch.as_tensor(state["epoch"]).reshape(-1)[0])
         if self.step >= model.cfg.freeze_step:
             model.freeze_extractor()
             drop_frozen_group(self.optimizer, self.scheduler)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.data.load_state_dict(state["data"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.counters.update(state.get("counters", {}))
-        set_rng_state(state["rng"])
+        if "data" in state and "rng" in state:
+            self.data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+        else:  # the release's checkpoint: as the release itself does, resume with the next epoch
+            self.data.load_state_dict({"epoch": self.epoch, "position": 0})
+            logger.warning(
+                "%s holds no data position or random generator states (a checkpoint of the reference release): "
+                "the model, optimizer, scheduler and step resume exactly; the data stream starts afresh at epoch %d "
+                "and the random generators are seeded anew",
+                path,
+                self.epoch,
+            )
         logger.info("Resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return True
 

@@ -17,7 +17,8 @@ def test_tristage_schedule():
     f = lr_lambda(OptimizerConfig(warmup_steps=10, hold_steps=20, decay_steps=30))
     assert f(0) == pytest.approx(0.01) and f(5) == pytest.approx(0.505) and f(10) == 1.0 and f(29) == 1.0
     assert f(45) == pytest.approx(0.1)  # halfway through an exponential decay from 1 to 0.01
-    assert f(60) == pytest.approx(0.01) and f(1000) == pytest.approx(0.01)
+    assert f(60) == pytest.approx(0.01)
+    assert f(90) == pytest.approx(0.0001)  # the release's decay goes on past decay_steps
 
 
 def test_cosine_rsqrt_constant_schedules():
@@ -25,9 +26,15 @@ def test_cosine_rsqrt_constant_schedules():
     assert (
         cosine(10) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.505) and cosine(110) == pytest.approx(0.01)
     )
-    rsqrt = lr_lambda(OptimizerConfig(scheduler="rsqrt", warmup_steps=10, rsqrt_timescale=100, rsqrt_shift=10))
-    assert rsqrt(110) == pytest.approx(math.sqrt(0.5))
-    assert lr_lambda(OptimizerConfig(scheduler="constant"))(12345) == 1.0
+    # The release's rsqrt: the warmup ends at 1 / sqrt(1 + shift / timescale), a hold at 1, then the decay.
+    rsqrt = lr_lambda(
+        OptimizerConfig(scheduler="rsqrt", warmup_steps=10, hold_steps=5, rsqrt_timescale=100, rsqrt_shift=10)
+    )
+    assert rsqrt(10) == 1.0 and rsqrt(14) == 1.0
+    assert rsqrt(5) == pytest.approx(0.01 + (1 / math.sqrt(1.1) - 0.01) / 2)
+    assert rsqrt(105) == pytest.approx(1 / math.sqrt(2))
+    constant = lr_lambda(OptimizerConfig(scheduler="constant", warmup_steps=10))
+    assert constant(5) == pytest.approx(0.505) and constant(12345) == 1.0
 
 
 def test_groups_exclude_the_teacher_and_drop_the_extractor():
