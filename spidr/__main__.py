@@ -9,7 +9,19 @@ import sys
 from pathlib import Path
 
 from spidr.config import ConfigError, read_config
-from spidr.slurm import TrainTask, default_train_job_config, slurm_config_parse_args, submit
+from spidr.slurm import TrainTask, default_train_job_config, launch_with_submitit, slurm_config_parse_args, submit
+from spidr.tools import init_logger
+from spidr.train import train
+
+__all__ = [  # the reference release's names (its imports) and ours
+    "default_train_job_config",
+    "init_logger",
+    "launch_with_submitit",
+    "main",
+    "read_config",
+    "slurm_config_parse_args",
+    "train",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,11 +61,12 @@ class ValidateTask:
 
     config: str
     checkpoint: str
+    results: str | None = None
 
     def __call__(self) -> str:
         from spidr.validate import main
 
-        code = main([self.config, self.checkpoint])
+        code = main([self.config, self.checkpoint, *(["--results", self.results] if self.results else [])])
         if code:
             raise RuntimeError(f"validation exited with status {code}")
         return self.checkpoint
@@ -115,12 +116,13 @@ def submit(task: Any, slurm: SlurmConfig, folder: Path, job_name: str, *, dry_ru
     return str(job.job_id)
 
 
-def submit_validation(cfg: Config, config_json: Path, checkpoint: Path) -> str | None:
-    """From inside a SLURM training job: validate ``checkpoint`` in a job of its own."""
+def submit_validation(cfg: Config, config_json: Path, checkpoint: Path, *, results: Path | None = None) -> str | None:
+    """From inside a SLURM training job: validate ``checkpoint`` in a job of its own (results appended to
+    ``results``, by default ``validation.jsonl`` in the run directory)."""
     if not cfg.validation or cfg.run.slurm_validation is None:
         return None
     folder = Path(os.environ.get("SPIDR_SUBMITIT_FOLDER", Path(cfg.run.dir) / "submitit"))
-    task = ValidateTask(str(config_json), str(checkpoint))
+    task = ValidateTask(str(config_json), str(checkpoint), None if results is None else str(results))
     return submit(task, cfg.run.slurm_validation, folder, f"{cfg.run.wandb_name}-val-{checkpoint.stem}")
 
 

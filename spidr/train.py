@@ -18,25 +18,61 @@ import argparse
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from spidr.checkpoint import CheckpointSaveError, newest_loadable, prune, remove_temporaries, save_atomic
-from spidr.config import Config, ConfigError, config_to_dict, read_config
+from spidr import optim
+from spidr.checkpoint import (
+    Checkpointer,
+    CheckpointSaveError,
+    newest_loadable,
+    prune,
+    remove_param_group,
+    remove_temporaries,
+    save_atomic,
+)
+from spidr.config import Config, ConfigError, ResumeConfig, config_to_dict, read_config
+from spidr.data import build_dataloader
+from spidr.environment import Env, rng_state, set_rng_state, set_seed, setup_distributed, setup_training
 from spidr.models import CheckpointError, DinoSR, build_model
 from spidr.models.pretrained import load_state_dict_checked
-from spidr.optim import build_optimizer, drop_frozen_group, load_scheduler_state
+from spidr.optim import drop_frozen_group, load_scheduler_state
+from spidr.optimizer import build_optimizer
+from spidr.slurm import launch_with_submitit, validation_job_config
+from spidr.tools import AverageMeters, profiler_context
+from spidr.validate import validate_existing_checkpoint
+
+__all__ = [  # the reference release's names (its imports included) and ours
+    "AverageMeters",
+    "Checkpointer",
+    "Config",
+    "Env",
+    "ResumeConfig",
+    "Trainer",
+    "TrainingError",
+    "build_dataloader",
+    "build_model",
+    "build_optimizer",
+    "init_wandb",
+    "launch_validation",
+    "launch_with_submitit",
+    "main",
+    "profiler_context",
+    "read_config",
+    "remove_param_group",
+    "setup_training",
+    "train",
+    "validate_existing_checkpoint",
+    "validation_job_config",
+]
 
 logger = logging.getLogger("spidr.train")
 
@@ -50,66 +86,6 @@ RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "step", "epoch")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many bad files or non-finite steps); the message says why."""
-
-
-# --------------------------------------------------------------------------- process setup
-@dataclass
-class Env:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str) -> Env:
-    """Read torchrun's environment; initialise the process group when there are several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Env(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) generator states, in types that load with weights_only=True."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_python_rng_from_checkpoint(state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_rng_from_checkpoint(state: Any) -> tuple:
-    # weights_only loading gives lists where random.getstate() had tuples
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
 
 
 # --------------------------------------------------------------------------- stopping on signals
@@ -147,7 +123,7 @@ class Trainer:
 
         self.cfg, self.env = cfg, env
         self.dir = Path(cfg.run.dir)
-        seed_everything(cfg.run.random_seed)
+        set_seed(cfg.run.random_seed)
         if cfg.run.use_deterministic:
             torch.use_deterministic_algorithms(True)
         model = build_model(cfg=cfg.model)
@@ -155,7 +131,7 @@ class Trainer:
             init = build_model(checkpoint=cfg.run.init_ckpt, model_type=cfg.run.model_type)
             model.load_state_dict(init.state_dict())
         self.model = model.to(env.device).train()
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer)
+        self.optimizer, self.scheduler = optim.build_optimizer(self.model, cfg.optimizer)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.optimizer.dtype == "float16")
         self.data = TrainingData(
             cfg.data,
@@ -202,11 +178,9 @@ class Trainer:
 
     def validate(self, checkpoint: Path) -> None:
         """Validate a saved checkpoint: in a SLURM job of its own when running under SLURM with
-        ``run.slurm_validation`` set, here otherwise."""
-        if os.environ.get("SLURM_JOB_ID") and self.cfg.run.slurm_validation is not None:
-            from spidr.slurm import submit_validation
-
-            submit_validation(self.cfg, self.dir / "config.json", checkpoint)
+        ``run.slurm_validation`` set, here otherwise (with the model in memory)."""
+        if validates_in_slurm(self.cfg):
+            launch_validation(self.cfg, ResumeConfig(self.step, checkpoint, self.dir / "validation.jsonl"))
             return
         from spidr.validate import validate_all
 
@@ -346,22 +320,9 @@ class Trainer:
 
     def _init_wandb(self) -> Any:
         """wandb's run when it is installed and run.wandb_mode is not "disabled" (rank 0 only), else None."""
-        if not self.env.is_main or self.cfg.run.wandb_mode == "disabled":
+        if not self.env.is_main:
             return None
-        try:
-            import wandb
-        except ImportError:
-            logger.info("wandb is not installed: logging to %s only", self.log_path)
-            return None
-        return wandb.init(
-            project=self.cfg.run.wandb_project,
-            name=self.cfg.run.wandb_name,
-            mode=self.cfg.run.wandb_mode,
-            dir=str(self.dir),
-            config=config_to_dict(self.cfg),
-            resume="allow",
-            id=self.cfg.run.wandb_name,
-        )
+        return init_wandb(self.cfg)
 
     def _log_skipped_step(self) -> None:
         self.log(
@@ -435,7 +396,7 @@ class Trainer:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.resume()  # before config.json is replaced: a checkpoint that does not fit keeps the config it came with
         if env.is_main:
-            (self.dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            write_config_json(cfg)
         self.wandb = self._init_wandb()
         if env.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -459,6 +420,89 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         return self.dir / "final.pt"
+
+
+def write_config_json(cfg: Config) -> Path:
+    """Write ``config.json`` (the whole config) into the run directory, which it creates; returns its path."""
+    cfg.run.dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run.dir / "config.json"
+    path.write_text(json.dumps(config_to_dict(cfg), indent=2))
+    return path
+
+
+def init_wandb(cfg: Config) -> Any:
+    """Start wandb's run for ``cfg`` (the reference release's ``init_wandb``): ``config.json`` written into the run
+    directory, then ``wandb.init`` with the run's project, name and mode (``offline`` by default), resumed when
+    it exists, and the ``train/*`` and ``<validation set>/*`` metrics each on their own step.
+
+    Returns:
+        wandb's run, or None when ``run.wandb_mode`` is ``"disabled"`` or wandb is not installed (logged).
+    """
+    write_config_json(cfg)
+    if cfg.run.wandb_mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        logger.info("wandb is not installed: metrics go to %s only", cfg.run.dir / "log.jsonl")
+        return None
+    run = wandb.init(
+        project=cfg.run.wandb_project,
+        name=cfg.run.wandb_name,
+        mode=cfg.run.wandb_mode,
+        dir=str(cfg.run.dir),
+        config=config_to_dict(cfg),
+        resume="allow",
+        id=cfg.run.wandb_name,
+    )
+    wandb.define_metric("train/step")
+    wandb.define_metric("train/*", step_metric="train/step")
+    for name in cfg.validation:
+        wandb.define_metric(f"{name}/step")
+        wandb.define_metric(f"{name}/*", step_metric=f"{name}/step")
+    return run
+
+
+def validates_in_slurm(cfg: Config) -> bool:
+    """Whether checkpoints are validated by SLURM jobs of their own: inside a SLURM job with
+    ``run.slurm_validation`` set."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and cfg.run.slurm_validation is not None
+
+
+def launch_validation(cfg: Config, resume: ResumeConfig) -> None:
+    """Validate ``resume.checkpoint`` on every validation set of ``cfg`` (the reference release's function): in
+    a SLURM job of its own when :func:`validates_in_slurm`, here otherwise; results are appended to
+    ``resume.results``. Nothing to do without validation sets or checkpoint."""
+    if not cfg.validation:
+        return
+    if resume.checkpoint is None:
+        logger.info("No checkpoint: no validation at step %d", resume.step)
+        return
+    if validates_in_slurm(cfg):
+        from spidr.slurm import submit_validation
+
+        submit_validation(cfg, cfg.run.dir / "config.json", Path(resume.checkpoint), results=Path(resume.results))
+        return
+    from spidr.validate import validate_existing_checkpoint
+
+    validate_existing_checkpoint(cfg, resume)
+
+
+def train(cfg: Config) -> Path:
+    """Train with ``cfg`` in this process (the reference release's ``train``): on the CPU, one GPU, or as one
+    rank of torchrun or a SLURM step; resumes from the run directory's newest checkpoint. Returns the path of
+    the final (or, when stopped by a signal, the last) checkpoint.
+
+    Raises:
+        TrainingError: training could not go on (too many bad files or non-finite steps).
+        spidr.models.CheckpointError: the run directory's newest checkpoint cannot be resumed.
+    """
+    env = setup_distributed("auto", init_single_process=False)
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _progress(total: int, initial: int, disable: bool) -> Any:
@@ -487,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     args = parser.parse_args(argv)
-    env = setup_distributed(args.device)
+    env = setup_distributed(args.device, init_single_process=False)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.INFO if env.is_main else logging.WARNING),
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",

@@ -20,7 +20,7 @@ import gzip
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +35,11 @@ __all__ = [
     "UNIT_FRAME_MS",
     "UnitsFromExtract",
     "UnitsQuality",
+    "aligned_length",
+    "bitrate",
+    "joint_counts",
     "pair_utterances",
+    "quality_from_counts",
     "read_phones_jsonl",
     "read_units_dir",
     "read_units_jsonl",
@@ -100,10 +104,101 @@ def _codes(values: IntSequence, *, name: str, what: str, upper: int) -> np.ndarr
     return array
 
 
-def _entropy(p: np.ndarray) -> float:
-    """Shannon entropy in nats of a probability vector (zeros contribute nothing)."""
+def _entropy(p: np.ndarray, eps: float = 0.0) -> float:
+    """Shannon entropy in nats of a probability vector, ``-sum p log(p + eps)`` (zeros contribute nothing)."""
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p + eps)).sum())
+
+
+def aligned_length(
+    name: str,
+    phone_frames: int,
+    num_units: int,
+    *,
+    repeat: int = _REPEAT,
+    max_length_diff: int = _MAX_LENGTH_DIFF,
+) -> int:
+    """Frames an utterance's phones and its units (each repeated ``repeat`` times) share: the shorter length.
+
+    Raises:
+        ValueError: the lengths differ by more than ``max_length_diff`` frames (naming the utterance).
+    """
+    frames = num_units * repeat
+    if abs(phone_frames - frames) > max_length_diff:
+        raise ValueError(
+            f"utterance {name!r}: {phone_frames} phone frames but {num_units} units, i.e. {frames} frames once "
+            f"each unit is repeated {repeat} times; at most {max_length_diff} frames of difference are tolerated"
+        )
+    return min(phone_frames, frames)
+
+
+def joint_counts(phones: np.ndarray, units: np.ndarray, *, num_phones: int, num_units: int) -> np.ndarray:
+    """Counts (num_phones, num_units) int64 of the aligned (phone, unit) frame pairs, in one ``bincount``."""
+    flat = phones.astype(np.int64, copy=False) * num_units + units.astype(np.int64, copy=False)
+    return np.bincount(flat, minlength=num_phones * num_units).reshape(num_phones, num_units)
+
+
+def _deduplicated(units: IntSequence) -> tuple[int, int]:
+    """(length, length once consecutive repeats are merged) of a unit sequence."""
+    array = units.detach().cpu().numpy() if isinstance(units, torch.Tensor) else np.asarray(units)
+    if array.size == 0:
+        return 0, 0
+    array = array.reshape(-1)
+    return array.size, 1 + int(np.count_nonzero(array[1:] != array[:-1]))
+
+
+def bitrate(
+    *, num_units: int, sequences: Iterable[IntSequence] | None = None, frame_step: int = UNIT_FRAME_MS
+) -> float:
+    """Bitrate in bits per second: ``log2(num_units)`` x units per second.
+
+    Args:
+        num_units: the number of distinct units (the codebook size).
+        sequences: unit sequences; consecutive repeats of a unit are merged (deduplicated) before counting.
+            None: one unit every ``frame_step`` ms, i.e. ``log2(num_units) * 1000 / frame_step``.
+        frame_step: milliseconds per unit.
+
+    Raises:
+        ValueError: ``sequences`` holds no unit at all.
+    """
+    if sequences is None:
+        return math.log2(num_units) * 1000 / frame_step
+    total = deduplicated = 0
+    for units in sequences:
+        length, merged = _deduplicated(units)
+        total += length
+        deduplicated += merged
+    if total == 0:
+        raise ValueError("bitrate needs at least one unit in sequences")
+    return math.log2(num_units) * deduplicated / (total * frame_step / 1000)
+
+
+def quality_from_counts(counts: np.ndarray, *, bitrate: float, eps: float = 0.0) -> UnitsQuality:
+    """The metrics of the joint counts (num_phones, num_units) of aligned frames (see the module docstring).
+
+    ``eps`` smooths the logarithms as the reference release does (``log(p / (p_phone p_unit + eps) + eps)``,
+    ``log(p + eps)``); 0 gives the exact values. ``bitrate`` is passed through (see :func:`bitrate`).
+
+    Raises:
+        ValueError: no frame is counted.
+    """
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no frame to evaluate: every utterance is empty")
+    joint = counts / total
+    p_phone, p_unit = joint.sum(axis=1), joint.sum(axis=0)
+    nonzero = joint > 0
+    outer = np.outer(p_phone, p_unit)
+    mutual_information = float((joint[nonzero] * np.log(joint[nonzero] / (outer[nonzero] + eps) + eps)).sum())
+    phone_entropy = _entropy(p_phone, eps)
+    return UnitsQuality(
+        pnmi=mutual_information / phone_entropy if phone_entropy > 0 else math.nan,
+        phone_purity=float(joint.max(axis=0).sum()),
+        cluster_purity=float(joint.max(axis=1).sum()),
+        codebook_perplexity=math.exp(_entropy(p_unit, eps)),  # 2 ** H in bits = e ** H in nats
+        active_codewords=int(np.count_nonzero(p_unit)),
+        bitrate=bitrate,
+    )
 
 
 def units_quality(
@@ -130,44 +225,20 @@ def units_quality(
         raise ValueError(f"num_units and num_phones must be positive, got {num_units} and {num_phones}")
     if not data:
         raise ValueError("no utterance to evaluate")
-    phone_parts, unit_parts = [], []
-    total_units = deduplicated = 0
+    phone_parts, unit_parts, sequences = [], [], []
     for name, (phones, units) in data.items():
         phones = _codes(phones, name=name, what="phones", upper=num_phones)
         units = _codes(units, name=name, what="units", upper=num_units)
-        repeated = np.repeat(units, _REPEAT)
-        if abs(len(phones) - len(repeated)) > _MAX_LENGTH_DIFF:
-            raise ValueError(
-                f"utterance {name!r}: {len(phones)} phone frames ({PHONE_FRAME_MS} ms) but {len(units)} units "
-                f"({UNIT_FRAME_MS} ms), i.e. {len(repeated)} frames once repeated; "
-                f"at most {_MAX_LENGTH_DIFF} frames of difference are tolerated"
-            )
-        length = min(len(phones), len(repeated))
+        length = aligned_length(name, len(phones), len(units))
         phone_parts.append(phones[:length])
-        unit_parts.append(repeated[:length])
-        total_units += len(units)
-        if len(units):
-            deduplicated += 1 + int(np.count_nonzero(units[1:] != units[:-1]))
-    phones_all, units_all = np.concatenate(phone_parts), np.concatenate(unit_parts)
-    if phones_all.size == 0:
-        raise ValueError("no frame to evaluate: every utterance is empty")
-
-    counts = np.bincount(phones_all * num_units + units_all, minlength=num_phones * num_units)
-    joint = counts.reshape(num_phones, num_units) / phones_all.size
-    p_phone, p_unit = joint.sum(axis=1), joint.sum(axis=0)
-    nonzero = joint > 0
-    outer = np.outer(p_phone, p_unit)
-    mutual_information = float((joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])).sum())
-    phone_entropy = _entropy(p_phone)
-    seconds = total_units * UNIT_FRAME_MS / 1000
-    return UnitsQuality(
-        pnmi=mutual_information / phone_entropy if phone_entropy > 0 else math.nan,
-        phone_purity=float(joint.max(axis=0).sum()),
-        cluster_purity=float(joint.max(axis=1).sum()),
-        codebook_perplexity=math.exp(_entropy(p_unit)),  # 2 ** H in bits = e ** H in nats
-        active_codewords=int(np.count_nonzero(p_unit)),
-        bitrate=math.log2(num_units) * deduplicated / seconds,
+        unit_parts.append(np.repeat(units, _REPEAT)[:length])
+        sequences.append(units)
+    counts = joint_counts(
+        np.concatenate(phone_parts), np.concatenate(unit_parts), num_phones=num_phones, num_units=num_units
     )
+    if not counts.any():
+        raise ValueError("no frame to evaluate: every utterance is empty")
+    return quality_from_counts(counts, bitrate=bitrate(num_units=num_units, sequences=sequences))
 
 
 # Metric order of the CSV files (that of the SpidR paper's fixture).

@@ -8,6 +8,7 @@ from spidr.models.pretrained import (
     build_model,
     dinosr_base_original,
     dinosr_base_reproduced,
+    model_from_raw_checkpoint,
     spidr_base,
 )
 from spidr.models.spidr import SpidR
@@ -20,6 +21,7 @@ __all__ = [
     "build_model",
     "dinosr_base_original",
     "dinosr_base_reproduced",
+    "model_from_raw_checkpoint",
     "spidr_base",
     "state_dict_from_dinosr_fairseq_checkpoint",
 ]

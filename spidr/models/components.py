@@ -1,6 +1,15 @@
 """Building blocks shared by DinoSR and SpidR: conv feature extractor, projection, transformer encoder.
 
-Module and parameter names follow the reference release exactly, so its checkpoints load strictly.
+Module and parameter names follow the reference release exactly, so its checkpoints load strictly. The
+classes also take the reference release's (spidr 0.2.0) constructor arguments, and this module has its
+public names, so code written against ``spidr.models.components`` of 0.2.0 runs unchanged:
+
+- :class:`ConvLayerBlock` is :class:`ConvBlock`, :class:`LayerNorm` is :class:`ChannelLayerNorm`;
+- :class:`FeatureExtractor`, :class:`TransformerLayer` and :class:`Transformer` take either a model config
+  (this library's form) or the modules and switches 0.2.0 passes;
+- :func:`get_components` builds the five parts of a model from its config, :class:`Codebook` and
+  :class:`Codebooks` come from :mod:`spidr.models.codebooks`, and :func:`mask_from_index` and
+  :func:`select_masked` gather masked frames.
 """
 
 from __future__ import annotations
@@ -15,6 +24,78 @@ from torch.nn import functional as F
 
 from spidr import ops
 from spidr.config import DinoSRConfig
+from spidr.models.codebooks import Codebook, Codebooks
+
+__all__ = [
+    "ChannelLayerNorm",
+    "Codebook",
+    "Codebooks",
+    "ConvBlock",
+    "ConvLayerBlock",
+    "ConvPositionalEmbedding",
+    "FeatureExtractor",
+    "FeatureProjection",
+    "FeedForward",
+    "InvalidInputError",
+    "LayerNorm",
+    "SelfAttention",
+    "Transformer",
+    "TransformerLayer",
+    "check_attention_mask",
+    "get_components",
+    "kept_layout",
+    "mask_from_index",
+    "num_frames",
+    "receptive_field",
+    "select_masked",
+]
+
+
+class InvalidInputError(ValueError, TypeError):
+    """An input of the wrong type or dtype (a ``ValueError``, and a ``TypeError`` as this library raised before)."""
+
+
+def check_attention_mask(attention_mask: object, batch: int, frames: int) -> None:
+    """Refuse an attention mask the encoder cannot use, naming what was expected.
+
+    Accepted: None, or a bool tensor (True = attend) of shape (batch, 1, 1, frames), a padding mask, or
+    (batch, 1, frames, frames), one row of keys per query frame (as ``scaled_dot_product_attention`` takes
+    it). The positional convolution reads ``attention_mask[:, :, 0]`` as its keep-mask: the padding mask
+    itself, or row 0 of a (batch, 1, frames, frames) mask, as the reference release does.
+
+    Raises:
+        InvalidInputError: not a tensor, or not bool (a ``ValueError`` and a ``TypeError``).
+        ValueError: any other shape.
+    """
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, Tensor):
+        raise InvalidInputError(
+            f"attention_mask must be a bool tensor (True = attend) or None, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.dtype != torch.bool:
+        raise InvalidInputError(f"attention_mask must be a bool tensor (True = attend), got {attention_mask.dtype}")
+    shape = tuple(attention_mask.shape)
+    if shape not in ((batch, 1, 1, frames), (batch, 1, frames, frames)):
+        raise ValueError(
+            f"attention_mask must have shape (batch, 1, 1, frames) = {(batch, 1, 1, frames)} (padding) or "
+            f"(batch, 1, frames, frames) = {(batch, 1, frames, frames)} (per query frame), got {shape}"
+        )
+
+
+def mask_from_index(index: Tensor, size: int) -> Tensor:
+    """Boolean (batch, size) mask, True at the positions listed in ``index`` (batch, count)."""
+    mask = torch.zeros((index.shape[0], size), dtype=torch.bool, device=index.device)
+    return mask.scatter_(1, index, True)
+
+
+def select_masked(x: Tensor, index: Tensor) -> Tensor:
+    """Gather the frames of x (batch, frames, dim) at ``index`` (batch, count) row by row: (batch * count, dim).
+
+    The same rows, in the same order, as ``x[mask_from_index(index, frames)]`` when each row of ``index`` is
+    sorted."""
+    offsets = torch.arange(x.shape[0], device=index.device).unsqueeze(1) * x.shape[1]
+    return x.flatten(0, 1).index_select(0, (index + offsets).reshape(-1))
 
 
 def num_frames(num_samples: int, conv_layers: list[tuple[int, int, int]]) -> int:
@@ -36,9 +117,13 @@ def receptive_field(conv_layers: list[tuple[int, int, int]]) -> int:
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (batch, channels, frames) tensor."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x.transpose(-2, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, input: Tensor) -> Tensor:
+        x = F.layer_norm(input.transpose(-2, -1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.transpose(-2, -1)
+
+
+LayerNorm = ChannelLayerNorm
+"""The reference release's name for :class:`ChannelLayerNorm` (its "layer norm with transpose")."""
 
 
 def kept_layout(module: nn.Module, weight: Tensor, make: Callable[[], list[Tensor]]) -> list[Tensor]:
@@ -57,14 +142,35 @@ def kept_layout(module: nn.Module, weight: Tensor, make: Callable[[], list[Tenso
 
 
 class ConvBlock(nn.Module):
-    """conv -> optional norm -> exact GELU. The norm is registered first (the release's key order)."""
+    """conv -> optional norm -> exact GELU. The norm is registered first (the release's key order).
+
+    Also available as :data:`ConvLayerBlock`, the reference release's name, with its arguments.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride: those of the ``nn.Conv1d``.
+        layer_norm: the norm applied to the conv's (batch, channels, frames) output, or None.
+        bias: whether the conv has a bias.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int, stride: int, norm: nn.Module | None, *, bias: bool
-    ):
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        layer_norm: nn.Module | None,
+        *,
+        bias: bool,
+    ) -> None:
         super().__init__()
-        self.layer_norm = norm
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride, bias=bias)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.layer_norm = layer_norm
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, bias=bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming-normal conv weight (the bias, if any, keeps PyTorch's default)."""
         nn.init.kaiming_normal_(self.conv.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,33 +256,63 @@ class ConvBlock(nn.Module):
         return F.gelu(y)
 
 
-class FeatureExtractor(nn.Module):
-    """Waveforms (batch, samples) -> features (batch, frames, channels)."""
+ConvLayerBlock = ConvBlock
+"""The reference release's name for :class:`ConvBlock` (same arguments)."""
 
-    def __init__(self, cfg: DinoSRConfig) -> None:
+
+def conv_blocks(cfg: DinoSRConfig) -> nn.ModuleList:
+    """The extractor's conv blocks for ``cfg``: a LayerNorm in every block (``layer_norm`` mode), or a GroupNorm
+    of one group per channel in the first block only (``group_norm`` mode).
+
+    Raises:
+        ValueError: ``cfg.extractor_mode`` is neither ``"layer_norm"`` nor ``"group_norm"``.
+    """
+    if cfg.extractor_mode not in ("layer_norm", "group_norm"):
+        raise ValueError(f"extractor_mode must be 'layer_norm' or 'group_norm', got {cfg.extractor_mode!r}")
+    blocks = nn.ModuleList()
+    in_channels = 1
+    for i, (out_channels, kernel, stride) in enumerate(cfg.extractor_conv_layer_config):
+        norm: nn.Module | None = None
+        if cfg.extractor_mode == "layer_norm":
+            norm = ChannelLayerNorm(out_channels, elementwise_affine=True)
+        elif i == 0:  # group_norm: only the first block is normalised, one group per channel
+            norm = nn.GroupNorm(out_channels, out_channels, affine=True)
+        blocks.append(ConvBlock(in_channels, out_channels, kernel, stride, norm, bias=cfg.extractor_conv_bias))
+        in_channels = out_channels
+    return blocks
+
+
+class FeatureExtractor(nn.Module):
+    """Waveforms (batch, samples) -> features (batch, frames, channels).
+
+    Args:
+        conv_layers: a model config (the blocks are built from it, see :func:`conv_blocks`), or the conv blocks
+            themselves as an ``nn.ModuleList`` (the reference release's form), each mapping
+            (batch, channels, samples) to (batch, channels', samples').
+    """
+
+    def __init__(self, conv_layers: nn.ModuleList | DinoSRConfig) -> None:
         super().__init__()
-        blocks = []
-        in_channels = 1
-        for i, (out_channels, kernel, stride) in enumerate(cfg.extractor_conv_layer_config):
-            norm: nn.Module | None = None
-            if cfg.extractor_mode == "layer_norm":
-                norm = ChannelLayerNorm(out_channels, elementwise_affine=True)
-            elif i == 0:  # group_norm: only the first block is normalised, one group per channel
-                norm = nn.GroupNorm(out_channels, out_channels, affine=True)
-            blocks.append(ConvBlock(in_channels, out_channels, kernel, stride, norm, bias=cfg.extractor_conv_bias))
-            in_channels = out_channels
-        self.conv_layers = nn.ModuleList(blocks)
+        if isinstance(conv_layers, DinoSRConfig):
+            conv_layers = conv_blocks(conv_layers)
+        elif not isinstance(conv_layers, nn.ModuleList):
+            raise TypeError(
+                "conv_layers must be a DinoSRConfig or an nn.ModuleList of conv blocks, "
+                f"got {type(conv_layers).__name__}"
+            )
+        self.conv_layers = conv_layers
         # Off by default: the convolutions then match the reference release's to the last bit the golden
         # fixtures check; spidr.extract turns it on (2x faster on the CPU, equal up to float rounding).
         self.gemm_on_cpu = False
 
-    def forward(self, waveforms: Tensor) -> Tensor:
-        if self.gemm_on_cpu and waveforms.device.type == "cpu":  # see ConvBlock.forward_channels_last
-            x = waveforms.unsqueeze(-1)
+    def forward(self, x: Tensor) -> Tensor:
+        """Features (batch, frames, channels) of the waveforms ``x`` (batch, samples)."""
+        if self.gemm_on_cpu and x.device.type == "cpu":  # see ConvBlock.forward_channels_last
+            x = x.unsqueeze(-1)
             for block in self.conv_layers:
                 x = block.forward_channels_last(x)
             return x
-        x = waveforms.unsqueeze(1)
+        x = x.unsqueeze(1)
         for block in self.conv_layers:
             x = block(x)
         return x.transpose(1, 2)
@@ -198,15 +334,27 @@ class ConvPositionalEmbedding(nn.Module):
     """Stack of grouped convolutions, each followed by a non-affine LayerNorm and GELU.
 
     With an attention mask, padded frames are zeroed before every conv and at the end, so they
-    never leak into the real frames.
+    never leak into the real frames (the keep-mask is ``attention_mask[:, :, 0]``, see
+    :func:`check_attention_mask`).
+
+    Args:
+        embed_dim: the encoder width.
+        kernel_size: the total kernel; each of the ``depth`` convs has ``max(3, kernel_size // depth)``
+            (an even one drops its last output frame, so the length is kept).
+        groups: the convs' groups.
+        depth: the number of convs.
     """
 
-    def __init__(self, embed_dim: int, kernel: int, groups: int, depth: int) -> None:
+    def __init__(self, embed_dim: int, kernel_size: int, groups: int, depth: int) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        layer_kernel = max(3, kernel // depth)
-        self.num_remove = 1 if layer_kernel % 2 == 0 else 0
+        self.kernel_size = kernel_size
+        self.groups = groups
+        self.depth = depth
+        self.layer_kernel_size = max(3, kernel_size // depth)
+        self.num_remove = 1 if self.layer_kernel_size % 2 == 0 else 0
         self.layer_norm = ChannelLayerNorm(embed_dim, elementwise_affine=False)
+        layer_kernel = self.layer_kernel_size
         self.convs = nn.ModuleList(
             nn.Conv1d(embed_dim, embed_dim, layer_kernel, padding=layer_kernel // 2, groups=groups)
             for _ in range(depth)
@@ -269,10 +417,16 @@ class ConvPositionalEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection."""
+    """Multi-head self-attention with one fused qkv projection; ``dropout`` on the attention weights in training.
 
-    def __init__(self, embed_dim: int, num_heads: int, *, qkv_bias: bool, dropout: float) -> None:
+    Raises:
+        ValueError: ``embed_dim`` is not a multiple of ``num_heads``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, qkv_bias: bool, dropout: float = 0.0) -> None:
         super().__init__()
+        if num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -282,8 +436,10 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, segments: Sequence[int] | None = None
     ) -> Tensor:
-        """``segments``: x is (1, frames, dim) holding sequences of these lengths end to end (packed); each
-        attends only within itself, as if run alone (the projections are per frame)."""
+        """``attention_mask``: bool, True = attend, broadcastable to (batch, heads, frames, frames), given to
+        ``scaled_dot_product_attention`` as is. ``segments``: x is (1, frames, dim) holding sequences of these
+        lengths end to end (packed); each attends only within itself, as if run alone (the projections are per
+        frame)."""
         batch, frames, dim = x.shape
         q, k, v = (
             t.view(batch, frames, self.num_heads, dim // self.num_heads).transpose(1, 2)
@@ -326,18 +482,52 @@ class TransformerLayer(nn.Module):
 
     ``forward`` returns ``(x, y)``: the layer output and the feed-forward output before the residual
     (the "layer result" that the targets and SpidR's heads read).
+
+    Built from a model config, ``TransformerLayer(cfg)``, or as the reference release builds it,
+    ``TransformerLayer(attention, dropout, feed_forward, layer_norm_first=...)``.
+
+    Args:
+        attention: a model config, or the :class:`SelfAttention` module.
+        dropout: the dropout after attention and after the feed-forward (release form only).
+        feed_forward: the :class:`FeedForward` module (release form only).
+        layer_norm_first: pre-LN layers when True, post-LN when False (release form only; with a config,
+            ``cfg.encoder_layer_norm_first``).
     """
 
-    def __init__(self, cfg: DinoSRConfig) -> None:
+    def __init__(
+        self,
+        attention: SelfAttention | DinoSRConfig,
+        dropout: float | None = None,
+        feed_forward: FeedForward | None = None,
+        *,
+        layer_norm_first: bool | None = None,
+    ) -> None:
         super().__init__()
-        dim = cfg.encoder_embed_dim
-        self.attention = SelfAttention(
-            dim, cfg.encoder_num_heads, qkv_bias=cfg.encoder_qkv_bias, dropout=cfg.encoder_attention_dropout
-        )
-        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        if isinstance(attention, DinoSRConfig):
+            cfg = attention
+            if dropout is not None or feed_forward is not None or layer_norm_first is not None:
+                raise TypeError("TransformerLayer(cfg) takes no dropout, feed_forward or layer_norm_first")
+            attention = SelfAttention(
+                cfg.encoder_embed_dim,
+                cfg.encoder_num_heads,
+                qkv_bias=cfg.encoder_qkv_bias,
+                dropout=cfg.encoder_attention_dropout,
+            )
+            dropout = cfg.encoder_dropout
+            feed_forward = FeedForward(
+                cfg.encoder_embed_dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout
+            )
+            layer_norm_first = cfg.encoder_layer_norm_first
+        elif not isinstance(attention, SelfAttention):
+            raise TypeError(f"attention must be a SelfAttention or a DinoSRConfig, got {type(attention).__name__}")
+        elif dropout is None or feed_forward is None or layer_norm_first is None:
+            raise TypeError("TransformerLayer(attention, dropout, feed_forward, *, layer_norm_first) needs all four")
+        dim = attention.embed_dim
+        self.attention = attention
+        self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(dim)
-        self.layer_norm_first = cfg.encoder_layer_norm_first
-        self.feed_forward = FeedForward(dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout)
+        self.layer_norm_first = layer_norm_first
+        self.feed_forward = feed_forward
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(
@@ -354,19 +544,66 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The encoder (student or teacher): positional convs, LayerNorm, layers, with layer drop."""
+    """The encoder (student or teacher): positional convs, LayerNorm, layers, with layer drop.
 
-    def __init__(self, cfg: DinoSRConfig) -> None:
+    Built from a model config, ``Transformer(cfg)``, or as the reference release builds it,
+    ``Transformer(layers, pos_conv_embed, dropout, layer_drop, layer_norm_first=...)``. Either way every
+    Linear is then re-initialised (:meth:`init_weights`).
+
+    ``layer_norm_first`` has the release's sense here, the opposite of the config's
+    ``encoder_layer_norm_first``: True means the encoder's ``layer_norm`` comes first, right after the
+    positional embedding (the post-LN model, ``encoder_layer_norm_first=False``); False means it comes
+    last, after the layers (the pre-LN model).
+
+    Args:
+        layers: a model config, or the ``nn.ModuleList`` of :class:`TransformerLayer`.
+        pos_conv_embed: the :class:`ConvPositionalEmbedding` (release form only).
+        dropout: the dropout after the positional embedding (release form only).
+        layer_drop: the probability of skipping each layer in training (release form only).
+        layer_norm_first: see above (release form only; with a config, ``not cfg.encoder_layer_norm_first``).
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList | DinoSRConfig,
+        pos_conv_embed: ConvPositionalEmbedding | None = None,
+        dropout: float | None = None,
+        layer_drop: float | None = None,
+        *,
+        layer_norm_first: bool | None = None,
+    ) -> None:
         super().__init__()
-        dim = cfg.encoder_embed_dim
-        self.pos_conv_embed = ConvPositionalEmbedding(
-            dim, cfg.encoder_pos_conv_kernel, cfg.encoder_pos_conv_groups, cfg.encoder_pos_conv_depth
-        )
-        self.layer_norm = nn.LayerNorm(dim)
-        self.layer_norm_first = cfg.encoder_layer_norm_first
-        self.layer_drop = cfg.encoder_layer_drop
-        self.dropout = nn.Dropout(cfg.encoder_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_num_layers))
+        if isinstance(layers, DinoSRConfig):
+            cfg = layers
+            if any(arg is not None for arg in (pos_conv_embed, dropout, layer_drop, layer_norm_first)):
+                raise TypeError("Transformer(cfg) takes no pos_conv_embed, dropout, layer_drop or layer_norm_first")
+            # the positional convs first, then the layers: the reference release's order of random draws
+            pos_conv_embed = ConvPositionalEmbedding(
+                cfg.encoder_embed_dim,
+                cfg.encoder_pos_conv_kernel,
+                cfg.encoder_pos_conv_groups,
+                cfg.encoder_pos_conv_depth,
+            )
+            layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_num_layers))
+            dropout, layer_drop, layer_norm_first = (
+                cfg.encoder_dropout,
+                cfg.encoder_layer_drop,
+                not cfg.encoder_layer_norm_first,
+            )
+        elif not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"layers must be an nn.ModuleList or a DinoSRConfig, got {type(layers).__name__}")
+        elif not isinstance(pos_conv_embed, ConvPositionalEmbedding):
+            raise TypeError(f"pos_conv_embed must be a ConvPositionalEmbedding, got {type(pos_conv_embed).__name__}")
+        elif dropout is None or layer_drop is None or layer_norm_first is None:
+            raise TypeError(
+                "Transformer(layers, pos_conv_embed, dropout, layer_drop, *, layer_norm_first) needs all five"
+            )
+        self.pos_conv_embed = pos_conv_embed
+        self.layer_norm = nn.LayerNorm(pos_conv_embed.embed_dim)
+        self.layer_norm_first = layer_norm_first
+        self.layer_drop = layer_drop
+        self.dropout = nn.Dropout(dropout)
+        self.layers = layers
         self.apply(self.init_weights)
 
     @staticmethod
@@ -386,7 +623,7 @@ class Transformer(nn.Module):
             x = x + self.pos_conv_embed(x, attention_mask)
         else:  # each packed sequence convolved alone (zero padding at its own ends)
             x = x + self.pos_conv_embed.forward_packed(x, segments)
-        if not self.layer_norm_first:
+        if self.layer_norm_first:
             x = self.layer_norm(x)
         return self.dropout(x)
 
@@ -395,14 +632,28 @@ class Transformer(nn.Module):
             return None
         return torch.rand(len(self.layers), device=device) <= self.layer_drop
 
+    def _check(self, x: Tensor, attention_mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.pos_conv_embed.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (batch, frames, {self.pos_conv_embed.embed_dim}), got {shape}")
+        check_attention_mask(attention_mask, x.shape[0], x.shape[1])
+
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Encoder output (batch, frames, dim); the final LayerNorm applies here only with pre-LN layers."""
+        """Encoder output (batch, frames, dim); the final LayerNorm applies here only with pre-LN layers.
+
+        ``attention_mask``: None, or bool (batch, 1, 1, frames) or (batch, 1, frames, frames), True = attend
+        (see :func:`check_attention_mask`).
+
+        Raises:
+            ValueError: x is not (batch, frames, dim), or the mask has another shape or dtype.
+        """
+        self._check(x, attention_mask)
         x = self._embed(x, attention_mask)
         dropped = self._dropped_layers(x.device)
         for i, layer in enumerate(self.layers):
             out, _ = layer(x, attention_mask)
             x = out if dropped is None else torch.where(dropped[i], x, out)
-        if self.layer_norm_first:
+        if not self.layer_norm_first:
             x = self.layer_norm(x)
         return x
 
@@ -424,10 +675,12 @@ class Transformer(nn.Module):
 
         Raises:
             ValueError: ``num_layers`` outside [1, number of layers]; ``segments`` with an attention mask,
-                with a batch of more than one row, or not summing to the frames.
+                with a batch of more than one row, or not summing to the frames; x not (batch, frames, dim),
+                or an attention mask of another shape or dtype than :meth:`forward` takes.
         """
         if num_layers is not None and not 0 < num_layers <= len(self.layers):
             raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        self._check(x, attention_mask)
         if segments is not None:
             segments = [int(n) for n in segments]
             if attention_mask is not None or x.shape[0] != 1 or sum(segments) != x.shape[1] or min(segments) < 1:
@@ -446,3 +699,24 @@ class Transformer(nn.Module):
             if num_layers is not None and len(outputs) >= num_layers:
                 break
         return outputs
+
+
+def get_components(
+    cfg: DinoSRConfig,
+) -> tuple[FeatureExtractor, FeatureProjection, Transformer, nn.ModuleList, Codebooks]:
+    """The parts of a DinoSR or SpidR model of ``cfg``, built in the reference release's order (so the same seed
+    gives the same weights): the feature extractor, the feature projection, the student encoder, the prediction
+    heads (one ``Sequential(Linear, LogSoftmax)`` per codebook) and the codebooks.
+
+    Raises:
+        ValueError: an unknown ``cfg.extractor_mode``.
+    """
+    dim = cfg.encoder_embed_dim
+    feature_extractor = FeatureExtractor(cfg)
+    feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], dim)
+    student = Transformer(cfg)
+    heads = nn.ModuleList(
+        nn.Sequential(nn.Linear(dim, cfg.codebook_size), nn.LogSoftmax(dim=-1)) for _ in range(cfg.num_codebooks)
+    )
+    codebooks = Codebooks(Codebook(dim, cfg.codebook_size, cfg.codebook_decay) for _ in range(cfg.num_codebooks))
+    return feature_extractor, feature_projection, student, heads, codebooks

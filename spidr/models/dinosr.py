@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from functools import partial
+from typing import TypedDict
 
 import torch
 import torch.distributed as dist
@@ -11,43 +14,100 @@ from torch.nn import functional as F
 
 from spidr import ops
 from spidr.config import DinoSRConfig
-from spidr.models.codebooks import Codebook, Codebooks
 from spidr.models.components import (
-    FeatureExtractor,
-    FeatureProjection,
     Transformer,
+    check_attention_mask,
+    get_components,
+    mask_from_index,
     num_frames,
     receptive_field,
+    select_masked,
 )
+from spidr.models.metrics import PPL_EPS, perplexities, perplexity
 
-PPL_EPS = 1e-8
+__all__ = [
+    "PPL_EPS",
+    "DinoSR",
+    "DinoSRConfig",
+    "EmaTargets",
+    "Transformer",
+    "dinosr_ema_decay",
+    "ema_scheduler",
+    "ema_targets",
+    "get_components",
+    "init_teacher",
+    "mask_from_index",
+    "mask_from_indices",
+    "perplexities",
+    "perplexity",
+    "select_masked",
+]
+
+mask_from_indices = mask_from_index  # this library's earlier name
 
 
-def dinosr_ema_decay(step: int, cfg: DinoSRConfig) -> float:
-    """Linear from ``ema_start_decay`` to ``ema_final_decay`` at ``ema_final_step``, then 1 from ``freeze_step``."""
-    if step < cfg.ema_final_step:
-        remaining = 1 - step / cfg.ema_final_step
-        return cfg.ema_final_decay - (cfg.ema_final_decay - cfg.ema_start_decay) * remaining
-    if step < cfg.freeze_step:
-        return cfg.ema_final_decay
+def ema_scheduler(step: int, start_decay: float, final_decay: float, final_step: int, freeze_step: int) -> float:
+    """DinoSR's EMA decay after optimiser step ``step``: linear from ``start_decay`` (step 0) to ``final_decay``
+    (``final_step``), then constant, and exactly 1 (the teacher frozen) from ``freeze_step``."""
+    if step < final_step:
+        remaining = 1 - step / final_step
+        return final_decay - (final_decay - start_decay) * remaining
+    if step < freeze_step:
+        return final_decay
     return 1.0
 
 
-def mask_from_indices(mask_indices: Tensor, frames: int) -> Tensor:
-    """Boolean (batch, frames) mask, True at the positions listed in ``mask_indices`` (batch, count)."""
-    mask = torch.zeros((mask_indices.shape[0], frames), dtype=torch.bool, device=mask_indices.device)
-    return mask.scatter_(1, mask_indices, True)
+def dinosr_ema_decay(step: int, cfg: DinoSRConfig) -> float:
+    """:func:`ema_scheduler` with the schedule of ``cfg`` (``ema_start_decay``, ``ema_final_decay``,
+    ``ema_final_step``, ``freeze_step``)."""
+    return ema_scheduler(step, cfg.ema_start_decay, cfg.ema_final_decay, cfg.ema_final_step, cfg.freeze_step)
 
 
-def select_masked(x: Tensor, mask_indices: Tensor) -> Tensor:
-    """Gather the frames of x (batch, frames, dim) at ``mask_indices`` row by row: (batch * count, dim)."""
-    offsets = torch.arange(x.shape[0], device=mask_indices.device).unsqueeze(1) * x.shape[1]
-    return x.flatten(0, 1).index_select(0, (mask_indices + offsets).reshape(-1))
+def init_teacher(
+    student: Transformer, exclude_layers: Iterable[str], *, init_weights: bool = True
+) -> tuple[Transformer, set[str]]:
+    """The teacher of ``student``: a float32 deep copy, re-initialised (a fresh draw) unless ``init_weights`` is
+    False, in eval mode and without gradients.
+
+    Returns:
+        ``(teacher, excluded)``: ``excluded`` names the teacher's parameters under one of the prefixes
+        ``exclude_layers``, which the EMA update copies from the student instead of averaging.
+    """
+    teacher = copy.deepcopy(student).float()
+    if init_weights:
+        teacher.apply(Transformer.init_weights)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    prefixes = tuple(exclude_layers)
+    excluded = {name for name, _ in teacher.named_parameters() if prefixes and name.startswith(prefixes)}
+    return teacher, excluded
 
 
-def perplexity(mean_probs: Tensor) -> Tensor:
-    """``2 ** entropy`` (bits) of each row of ``mean_probs`` (C, K): (C,)."""
-    return torch.exp2(-(mean_probs * (mean_probs + PPL_EPS).log2()).sum(-1))
+class EmaTargets(TypedDict):
+    """The tensors the EMA update moves: teacher parameters averaged towards the student's (``lerp_*``), and
+    teacher parameters and buffers copied from the student (``copy_*``), pairwise in the same order."""
+
+    lerp_teacher: list[Tensor]
+    lerp_student: list[Tensor]
+    copy_teacher: list[Tensor]
+    copy_student: list[Tensor]
+
+
+def ema_targets(teacher: nn.Module, student: nn.Module, exclude_layers: set[str]) -> EmaTargets:
+    """Pair the teacher's tensors with the student's for the EMA update: parameters named in ``exclude_layers``
+    and all buffers are copied, the other parameters averaged."""
+    targets = EmaTargets(lerp_teacher=[], lerp_student=[], copy_teacher=[], copy_student=[])
+    for (name, t), s in zip(teacher.named_parameters(), student.parameters(), strict=True):
+        if name in exclude_layers:
+            targets["copy_teacher"].append(t)
+            targets["copy_student"].append(s)
+        else:
+            targets["lerp_teacher"].append(t)
+            targets["lerp_student"].append(s)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        targets["copy_teacher"].append(t)
+        targets["copy_student"].append(s)
+    return targets
 
 
 class DinoSR(nn.Module):
@@ -57,6 +117,10 @@ class DinoSR(nn.Module):
     :class:`~spidr.models.components.Transformer` encoders), ``heads`` (Linear + LogSoftmax per
     codebook) and ``codebooks``. The input waveforms (batch, samples) are float, 16 kHz, and must
     already be standardised per utterance: the model does not standardise.
+
+    Attributes of the reference release kept with their meaning: ``ema_scheduler`` (step -> decay, used by
+    :meth:`update_ema`; replace it to change the schedule), ``teacher_exclude_layers`` (the teacher parameters
+    copied rather than averaged), ``freeze_step``, ``projection_dropout``, ``mask_embedding``, ``current_step``.
     """
 
     current_step: Tensor
@@ -67,30 +131,21 @@ class DinoSR(nn.Module):
         if not isinstance(cfg, DinoSRConfig):
             raise TypeError(f"cfg must be a DinoSRConfig or SpidRConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        dim = cfg.encoder_embed_dim
-        self.feature_extractor = FeatureExtractor(cfg)
-        self.feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], dim)
-        self.student = Transformer(cfg)
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, cfg.codebook_size), nn.LogSoftmax(dim=-1)) for _ in range(cfg.num_codebooks)
+        self.feature_extractor, self.feature_projection, self.student, self.heads, self.codebooks = get_components(cfg)
+        self.teacher, self.teacher_exclude_layers = init_teacher(self.student, cfg.ema_exclude_layers)
+        self.ema_scheduler = partial(
+            ema_scheduler,
+            start_decay=cfg.ema_start_decay,
+            final_decay=cfg.ema_final_decay,
+            final_step=cfg.ema_final_step,
+            freeze_step=cfg.freeze_step,
         )
-        self.codebooks = Codebooks(
-            Codebook(dim, cfg.codebook_size, cfg.codebook_decay) for _ in range(cfg.num_codebooks)
-        )
-        self.teacher = self._make_teacher(self.student)
         self.projection_dropout = nn.Dropout(cfg.encoder_projection_dropout)
-        self.mask_embedding = nn.Parameter(torch.empty(dim, dtype=torch.float32))
+        self.freeze_step = cfg.freeze_step
+        self._extractor_frozen = False
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.encoder_embed_dim, dtype=torch.float32))
         nn.init.uniform_(self.mask_embedding)
         self.register_buffer("current_step", torch.zeros(1, dtype=torch.int64))
-        self._extractor_frozen = False
-
-    @staticmethod
-    def _make_teacher(student: Transformer) -> Transformer:
-        teacher = copy.deepcopy(student).float()
-        teacher.apply(Transformer.init_weights)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        return teacher
 
     # ----------------------------------------------------------------- state
     def train(self, mode: bool = True) -> DinoSR:
@@ -111,38 +166,29 @@ class DinoSR(nn.Module):
         self._extractor_frozen = True
 
     def ema_decay(self, step: int) -> float:
-        """The teacher's EMA decay after optimiser step ``step`` (SPEC 1.4, DinoSR schedule)."""
-        return dinosr_ema_decay(step, self.cfg)
+        """The teacher's EMA decay after optimiser step ``step``: ``self.ema_scheduler(step)`` (SPEC 1.4; the
+        DinoSR schedule :func:`ema_scheduler` here, SpidR's in :class:`~spidr.models.spidr.SpidR`)."""
+        return self.ema_scheduler(step)
 
     @torch.no_grad()
     def update_ema(self, step: int) -> float:
         """Move the teacher towards the student after optimiser step ``step``; return the decay used.
 
-        Freezes the extractor once ``step >= freeze_step``. When ``0 < decay < 1``, every teacher
-        parameter becomes ``lerp(teacher, student, 1 - decay)``, except those under
-        ``ema_exclude_layers``, which are copied, as are all buffers.
+        Stores ``step`` in ``current_step`` and freezes the extractor once ``step >= freeze_step``. When
+        ``0 < decay < 1``, every teacher parameter becomes ``lerp(teacher, student, 1 - decay)``, except those
+        named in ``teacher_exclude_layers``, which are copied, as are all buffers.
         """
         self.current_step.fill_(step)
         decay = self.ema_decay(step)
-        if not self._extractor_frozen and step >= self.cfg.freeze_step:
+        if not self._extractor_frozen and step >= self.freeze_step:
             self.freeze_extractor()
         if 0.0 < decay < 1.0:
-            lerp_t, lerp_s, copy_t, copy_s = [], [], [], []
-            exclude = tuple(self.cfg.ema_exclude_layers)
-            for (name, t), s in zip(self.teacher.named_parameters(), self.student.parameters(), strict=True):
-                if exclude and name.startswith(exclude):
-                    copy_t.append(t)
-                    copy_s.append(s)
-                else:
-                    lerp_t.append(t)
-                    lerp_s.append(s)
-            for t, s in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
-                copy_t.append(t)
-                copy_s.append(s)
-            if lerp_t:
-                torch._foreach_lerp_(lerp_t, lerp_s, 1 - decay)
-            if copy_t:
-                torch._foreach_copy_(copy_t, copy_s)
+            # paired afresh at each call: loading with assign=True or moving the model replaces tensors
+            targets = ema_targets(self.teacher, self.student, self.teacher_exclude_layers)
+            if targets["lerp_teacher"]:
+                torch._foreach_lerp_(targets["lerp_teacher"], targets["lerp_student"], 1 - decay)
+            if targets["copy_teacher"]:
+                torch._foreach_copy_(targets["copy_teacher"], targets["copy_student"])
         return decay
 
     # ----------------------------------------------------------------- checks
@@ -164,14 +210,7 @@ class DinoSR(nn.Module):
                 "the feature extractor needs for one frame"
             )
         batch = waveforms.shape[0]
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor) or attention_mask.dtype != torch.bool:
-                raise TypeError("attention_mask must be a bool tensor (True = attend)")
-            if tuple(attention_mask.shape) != (batch, 1, 1, frames):
-                raise ValueError(
-                    f"attention_mask must have shape (batch, 1, 1, frames) = {(batch, 1, 1, frames)} for waveforms "
-                    f"{tuple(waveforms.shape)}, got {tuple(attention_mask.shape)}"
-                )
+        check_attention_mask(attention_mask, batch, frames)
         if mask_indices is not None:
             if not isinstance(mask_indices, Tensor) or mask_indices.dtype != torch.int64:
                 raise TypeError("mask_indices must be an int64 tensor of frame positions")
@@ -206,12 +245,15 @@ class DinoSR(nn.Module):
         return [out] * self.num_codebooks
 
     def get_codebooks(
-        self, waveforms: Tensor, *, attention_mask: Tensor | None = None, onehot: bool = False
+        self, waveform: Tensor, *, attention_mask: Tensor | None = None, onehot: bool = False
     ) -> list[Tensor | None]:
         """Per layer: None for the first ``num_layers - num_codebooks`` layers, then each head's
-        probabilities (exp of its log-softmax, squeezed), or the one-hot argmax when ``onehot``."""
-        self._check_inputs(waveforms, attention_mask)
-        x = self._features(waveforms)
+        probabilities (exp of its log-softmax, squeezed), or the one-hot argmax when ``onehot``.
+
+        ``waveform``: (batch, samples), as for :meth:`get_intermediate_outputs` (the reference release's name).
+        """
+        self._check_inputs(waveform, attention_mask)
+        x = self._features(waveform)
         inputs = self._head_inputs(x, attention_mask)
         result: list[Tensor | None] = [None] * (len(self.student.layers) - self.num_codebooks)
         for head, y in zip(self.heads, inputs, strict=True):
@@ -253,7 +295,8 @@ class DinoSR(nn.Module):
             waveforms: (batch, samples) standardised float waveforms.
             mask_indices: int64 (batch, count) masked frame positions, the same count in every row;
                 None makes every frame a prediction position with nothing masked.
-            attention_mask: bool (batch, 1, 1, frames), True on real frames; None without padding.
+            attention_mask: bool (batch, 1, 1, frames), True on real frames, or (batch, 1, frames, frames), per
+                query frame (see :func:`~spidr.models.components.check_attention_mask`); None without padding.
 
         Returns:
             ``(loss, {"target_ppl", "pred_ppl"})``: loss (batch * count,) in the order of
@@ -264,7 +307,7 @@ class DinoSR(nn.Module):
         feats = self._features(waveforms)
         x = self.projection_dropout(feats.clone())
         if mask_indices is not None:
-            mask = mask_from_indices(mask_indices, frames)
+            mask = mask_from_index(mask_indices, frames)
             x = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(x.dtype).expand_as(x), x)
         else:
             mask_indices = torch.arange(frames, device=x.device).expand(x.shape[0], -1)

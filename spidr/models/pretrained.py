@@ -4,15 +4,23 @@ Pretrained weights are downloaded once into torch.hub's cache (``$TORCH_HOME/hub
 Machines without internet can pass ``checkpoint=PATH`` or set ``SPIDR_CHECKPOINT_DIR`` to a
 directory holding the release's files (``spidr_base.pt``, ``dinosr_base_reproduced.pt``,
 ``dinosr.ckpt``).
+
+The reference release's (spidr 0.2.0) loading functions are here too, with its arguments and
+behaviour: :func:`build_model`, :func:`model_from_raw_checkpoint` and the three constructors with
+``pretrained=``, ``check_hash=`` and ``progress=`` (see :mod:`spidr.models.utils`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,10 +186,14 @@ def load_state_dict_checked(
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-def model_from_state_dict(cfg: DinoSRConfig, state_dict: Mapping[str, Any], source: str) -> DinoSR:
-    """The model of ``cfg`` holding ``state_dict``, built without a wasted random initialisation."""
+def model_from_state_dict(
+    cfg: DinoSRConfig, state_dict: Mapping[str, Any], source: str, model_class: type[DinoSR] | None = None
+) -> DinoSR:
+    """The model of ``cfg`` holding ``state_dict``, built without a wasted random initialisation, in training
+    mode (as a freshly built module). ``model_class``: the class to build (default: SpidR for a SpidRConfig,
+    else DinoSR)."""
     with torch.device("meta"):
-        model = _model_for(cfg)
+        model = _model_for(cfg) if model_class is None else model_class(cfg)
     load_state_dict_checked(model, state_dict, source, assign=True)
     return model
 
@@ -189,6 +201,13 @@ def model_from_state_dict(cfg: DinoSRConfig, state_dict: Mapping[str, Any], sour
 # --------------------------------------------------------------------------- build_model
 def _model_for(cfg: DinoSRConfig) -> DinoSR:
     return SpidR(cfg) if isinstance(cfg, SpidRConfig) else DinoSR(cfg)
+
+
+def _default_config_notice(path: Path, model_type: str) -> None:
+    """Say that a checkpoint without ``config.json`` gets its model type's default config: in the log, and as
+    the ``UserWarning`` the reference release gives."""
+    logger.warning("No config.json beside %s: using the default %s config.", path, model_type)
+    warnings.warn(f"No config.json beside {path}: using the default {model_type} config.", UserWarning, stacklevel=3)
 
 
 def _read_config_json(path: Path, model_type: str | None) -> tuple[DinoSRConfig | None, str | None]:
@@ -230,11 +249,15 @@ def build_model(
             directory (the ``"model"`` table, or the whole file).
 
     Returns:
-        The model, in training mode when built from a config, in eval mode when loaded from a checkpoint.
+        The model, in training mode (as the reference release returns it, a freshly built module, whether
+        loaded from a checkpoint or not): call ``.eval()`` before extracting features. The published models
+        (:func:`spidr_base` and the others) come in eval mode.
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ConfigError: an unknown model type, or a config key or value that does not fit (named).
+        ConfigError: an unknown model type, or a config key or value that does not fit (named); a
+            ``ValueError``, as the reference release raises. Unlike the release, ``model_type`` may be left
+            out with a checkpoint whose ``config.json`` says which model it holds.
         CheckpointError: the file is unreadable, or its keys or shapes do not fit (listed); nothing is loaded.
     """
     if model_type is not None and model_type not in ("spidr", "dinosr"):
@@ -263,12 +286,44 @@ def build_model(
             raise ConfigError(
                 f"no config.json beside {path} and no model_type given: pass model_type='spidr' or 'dinosr'"
             )
-        logger.warning("No config.json beside %s: using the default %s config.", path, model_type)
+        _default_config_notice(path, model_type)
         cfg = model_config_class(model_type)()
     loaded = load_checkpoint_file(path)
     check_model_type(loaded, cfg, str(path))
     state_dict = extract_state_dict(loaded, str(path))
-    return model_from_state_dict(cfg, state_dict, str(path)).eval()
+    return model_from_state_dict(cfg, state_dict, str(path))
+
+
+def model_from_raw_checkpoint(model_class: type[DinoSR], config_class: type[DinoSRConfig], ckpt: str | Path) -> DinoSR:
+    """``model_class(cfg)`` holding the state dict of the ``.pt`` file ``ckpt`` (the reference release's loader).
+
+    ``cfg`` is a ``config_class`` read from ``config.json`` beside the file (its ``"model"`` table, or the
+    whole file); without one, the default ``config_class()``, with a ``UserWarning``. The state dict is the
+    file's ``"model"`` entry or the file itself; a ``module.`` prefix is stripped. The model is returned in
+    training mode, as the release does.
+
+    Raises:
+        ValueError: ``ckpt`` does not end in ``.pt``.
+        FileNotFoundError: no such file.
+        ConfigError: ``config.json`` is not valid, or describes another model type.
+        CheckpointError: the file is unreadable, or does not fit the model (nothing is loaded).
+    """
+    path = Path(ckpt)
+    if path.suffix != ".pt":
+        raise ValueError(f"ckpt must be a .pt file, got {str(path)!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    model_type = "spidr" if issubclass(config_class, SpidRConfig) else "dinosr"
+    config_path = path.parent / "config.json"
+    cfg = _read_config_json(config_path, model_type)[0] if config_path.is_file() else None
+    if cfg is not None and type(cfg) is not config_class:  # a config class of the user's, derived from ours
+        cfg = config_class(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    if cfg is None:
+        _default_config_notice(path, model_type)
+        cfg = config_class()
+    loaded = load_checkpoint_file(path)
+    check_model_type(loaded, cfg, str(path))
+    return model_from_state_dict(cfg, extract_state_dict(loaded, str(path)), str(path), model_class)
 
 
 # --------------------------------------------------------------------------- pretrained
@@ -277,17 +332,62 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def resolve_pretrained_file(name: str, checkpoint: str | Path | None = None, *, progress: bool = True) -> Path:
+HASH_PREFIX = re.compile(r"-([a-f0-9]*)\.")
+"""torch.hub's rule: in a file name ``name-<hex>.ext``, ``<hex>`` is a prefix of the file's SHA-256."""
+
+
+def hash_prefix(filename: str) -> str | None:
+    """The SHA-256 prefix that ``filename`` carries by torch.hub's rule (:data:`HASH_PREFIX`), or None."""
+    match = HASH_PREFIX.search(filename)
+    return match.group(1) if match else None
+
+
+def check_file_hash(path: Path) -> None:
+    """Check ``path``'s SHA-256 against the prefix in its name; a name without one is not checked.
+
+    Raises:
+        CheckpointError: the file's SHA-256 does not start with the prefix.
+    """
+    prefix = hash_prefix(path.name)
+    if prefix is None:
+        logger.info("%s carries no hash prefix in its name: nothing to check", path.name)
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise CheckpointError(
+            f"{path}: its SHA-256 {digest.hexdigest()} does not start with {prefix!r}, the hash prefix in its name "
+            "(a damaged or different file)"
+        )
+
+
+def resolve_pretrained_file(
+    name: str, checkpoint: str | Path | None = None, *, progress: bool = True, check_hash: bool = False
+) -> Path:
     """Local path of the published checkpoint ``name``, downloading it once if needed.
 
     Looks, in order, at ``checkpoint``, at ``$SPIDR_CHECKPOINT_DIR/<file>``, at torch.hub's cache, and
-    then downloads into that cache with a progress bar.
+    then downloads into that cache with a progress bar. With ``check_hash``, the file found or downloaded
+    is checked against the SHA-256 prefix its name carries (torch.hub's ``name-<hex>.ext`` rule,
+    :func:`check_file_hash`); a name without one has nothing to check.
 
     Raises:
         FileNotFoundError: ``checkpoint`` does not exist, or the file is nowhere and cannot be
             downloaded; the message says which file to put where.
+        CheckpointError: ``check_hash`` and the file's SHA-256 does not match the prefix in its name.
     """
     info = PRETRAINED[name]
+    path = _find_pretrained_file(name, info, checkpoint, progress=progress, check_hash=check_hash)
+    if check_hash:
+        check_file_hash(path)
+    return path
+
+
+def _find_pretrained_file(
+    name: str, info: PretrainedModel, checkpoint: str | Path | None, *, progress: bool, check_hash: bool
+) -> Path:
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
@@ -301,8 +401,11 @@ def resolve_pretrained_file(name: str, checkpoint: str | Path | None = None, *, 
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Downloading %s to %s", info.url, cached)
+    prefix = hash_prefix(info.filename) if check_hash else None
     try:
-        torch.hub.download_url_to_file(info.url, str(cached), progress=progress)
+        # torch.hub checks the prefix while downloading (and keeps no file that fails)
+        extra = {} if prefix is None else {"hash_prefix": prefix}
+        torch.hub.download_url_to_file(info.url, str(cached), progress=progress, **extra)
     except Exception as error:  # urllib raises many kinds; all mean "not available here"
         where = f"{CHECKPOINT_DIR_ENV}={env_dir} (no {info.filename} there)" if env_dir else f"{CHECKPOINT_DIR_ENV}"
         raise FileNotFoundError(
@@ -314,7 +417,12 @@ def resolve_pretrained_file(name: str, checkpoint: str | Path | None = None, *, 
 
 
 def load_pretrained(
-    name: str, *, pretrained: bool = True, checkpoint: str | Path | None = None, progress: bool = True
+    name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    check_hash: bool = False,
 ) -> DinoSR:
     """The published model ``name`` (a key of :data:`PRETRAINED`) in eval mode.
 
@@ -322,14 +430,15 @@ def load_pretrained(
         ValueError: an unknown ``name``.
         FileNotFoundError: ``checkpoint`` does not exist, or the weights are nowhere and cannot be downloaded.
         CheckpointError: the file is unreadable, cannot be loaded safely, holds another model type, or its keys
-            or shapes do not fit (the first mismatches are listed); no code in the file is ever run.
+            or shapes do not fit (the first mismatches are listed); no code in the file is ever run; with
+            ``check_hash``, its SHA-256 does not match the prefix in its name.
     """
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     info = PRETRAINED[name]
     if not pretrained:
         return _model_for(info.config()).eval()
-    path = resolve_pretrained_file(name, checkpoint, progress=progress)
+    path = resolve_pretrained_file(name, checkpoint, progress=progress, check_hash=check_hash)
     loaded = load_checkpoint_file(path)
     if info.fairseq:
         if not isinstance(loaded, Mapping):
@@ -345,35 +454,68 @@ def load_pretrained(
     return model_from_state_dict(info.config(), state_dict, str(path)).eval()
 
 
-def spidr_base(*, pretrained: bool = True, checkpoint: str | Path | None = None, progress: bool = True) -> SpidR:
-    """SpidR base (Poli et al., 2025), trained on LibriSpeech 960 h.
+def spidr_base(
+    *,
+    pretrained: bool = True,
+    check_hash: bool = False,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+) -> SpidR:
+    """SpidR base (Poli et al., 2025), trained on LibriSpeech 960 h, in eval mode.
 
     Args:
         pretrained: load the release's weights (downloaded once and cached); False gives fresh
             weights and works under ``with torch.device("meta"):``.
-        checkpoint: a local ``spidr_base.pt`` to use instead of the cache or download.
+        check_hash: check the file's SHA-256 against the hash prefix in its name, by torch.hub's rule
+            (``name-<hex digits>.ext``). The published file, ``spidr_base.pt``, carries no such prefix,
+            so for it there is nothing to check and True changes nothing: the same as torch.hub's
+            ``check_hash`` in spidr 0.2.0, which finds no prefix either. A local ``checkpoint`` named
+            with a prefix is checked.
         progress: show a progress bar while downloading.
+        checkpoint: a local ``spidr_base.pt`` to use instead of the cache or download.
 
     Raises:
         FileNotFoundError, CheckpointError: as :func:`load_pretrained`.
     """
-    return cast(
-        "SpidR", load_pretrained("spidr_base", pretrained=pretrained, checkpoint=checkpoint, progress=progress)
+    model = load_pretrained(
+        "spidr_base", pretrained=pretrained, checkpoint=checkpoint, progress=progress, check_hash=check_hash
     )
+    return cast("SpidR", model)
 
 
 def dinosr_base_reproduced(
-    *, pretrained: bool = True, checkpoint: str | Path | None = None, progress: bool = True
+    *,
+    pretrained: bool = True,
+    check_hash: bool = False,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> DinoSR:
-    """DinoSR base reproduced with the SpidR codebase (same arguments as :func:`spidr_base`)."""
-    return load_pretrained("dinosr_base_reproduced", pretrained=pretrained, checkpoint=checkpoint, progress=progress)
+    """DinoSR base reproduced with the SpidR codebase, in eval mode.
+
+    Same arguments as :func:`spidr_base`; the published file, ``dinosr_base_reproduced.pt``, has no hash
+    prefix in its name either, so ``check_hash`` has nothing to check for it.
+    """
+    return load_pretrained(
+        "dinosr_base_reproduced",
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        progress=progress,
+        check_hash=check_hash,
+    )
 
 
 def dinosr_base_original(
-    *, pretrained: bool = True, checkpoint: str | Path | None = None, progress: bool = True
+    *,
+    pretrained: bool = True,
+    check_hash: bool = False,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> DinoSR:
-    """The original DinoSR (Liu et al., 2023), converted from its fairseq checkpoint ``dinosr.ckpt``.
+    """The original DinoSR (Liu et al., 2023), converted from its fairseq checkpoint, in eval mode.
 
-    Same arguments as :func:`spidr_base`; the model uses a qkv bias.
+    Same arguments as :func:`spidr_base`; the model uses a qkv bias. The published file, ``dinosr.ckpt``,
+    has no hash prefix in its name, so ``check_hash`` has nothing to check for it.
     """
-    return load_pretrained("dinosr_base_original", pretrained=pretrained, checkpoint=checkpoint, progress=progress)
+    return load_pretrained(
+        "dinosr_base_original", pretrained=pretrained, checkpoint=checkpoint, progress=progress, check_hash=check_hash
+    )

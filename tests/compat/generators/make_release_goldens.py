@@ -431,14 +431,31 @@ def masks_section() -> dict:
                 pm = None if lengths is None else padding_mask_from(lengths, shape[1])
                 torch.manual_seed(global_seed)
                 out = compute_mask_indices(
-                    shape, pm, 0.65, 10, "poisson", 0.0, 2, min_space,
-                    no_overlap=no_overlap, generator=torch.Generator().manual_seed(seed),
+                    shape,
+                    pm,
+                    0.65,
+                    10,
+                    "poisson",
+                    0.0,
+                    2,
+                    min_space,
+                    no_overlap=no_overlap,
+                    generator=torch.Generator().manual_seed(seed),
                 )
                 poisson.append(
                     {
-                        "shape": list(shape), "padding_lengths": lengths, "mask_prob": 0.65, "mask_length": 10,
-                        "mask_type": "poisson", "mask_other": 0.0, "min_masks": 2, "min_space": min_space,
-                        "no_overlap": no_overlap, "seed": seed, "global_seed": global_seed, "output": keep(out),
+                        "shape": list(shape),
+                        "padding_lengths": lengths,
+                        "mask_prob": 0.65,
+                        "mask_length": 10,
+                        "mask_type": "poisson",
+                        "mask_other": 0.0,
+                        "min_masks": 2,
+                        "min_space": min_space,
+                        "no_overlap": no_overlap,
+                        "seed": seed,
+                        "global_seed": global_seed,
+                        "output": keep(out),
                     }
                 )
     result["poisson"] = poisson
@@ -474,7 +491,10 @@ def masks_section() -> dict:
     ]
     result["mask_id_overlap"] = [
         {
-            "lengths": lengths, "num_mask": num_mask, "sz": sz, "seed": seed,
+            "lengths": lengths,
+            "num_mask": num_mask,
+            "sz": sz,
+            "seed": seed,
             "call": "mask_id_overlap(torch.tensor(lengths), num_mask, sz, torch.Generator().manual_seed(seed))",
             "output": keep(mask_id_overlap(torch.tensor(lengths), num_mask, sz, torch.Generator().manual_seed(seed))),
         }
@@ -489,7 +509,10 @@ def masks_section() -> dict:
     ]
     result["mask_id_no_overlap"] = [
         {
-            "lengths": lengths, "min_space": min_space, "sz": sz, "seed": seed,
+            "lengths": lengths,
+            "min_space": min_space,
+            "sz": sz,
+            "seed": seed,
             "call": "mask_id_no_overlap(torch.tensor(lengths), min_space, sz, torch.Generator().manual_seed(seed))",
             "output": keep(
                 mask_id_no_overlap(torch.tensor(lengths), min_space, sz, torch.Generator().manual_seed(seed))
@@ -504,11 +527,17 @@ def masks_section() -> dict:
         ("default", {}, None),
         ("default_channels16", {}, 16),
         ("channel_prob_0.2", {"mask_channel_prob": 0.2}, 16),
-        ("channel_prob_0.5_no_overlap", {"mask_channel_prob": 0.5, "no_mask_channel_overlap": True,
-                                          "mask_channel_length": 3}, 16),
+        (
+            "channel_prob_0.5_no_overlap",
+            {"mask_channel_prob": 0.5, "no_mask_channel_overlap": True, "mask_channel_length": 3},
+            16,
+        ),
         ("mask_prob_0", {"mask_prob": 0.0}, None),
-        ("uniform_no_overlap", {"mask_selection": "uniform", "mask_other": 2, "no_mask_overlap": True,
-                                 "mask_min_space": 2}, None),
+        (
+            "uniform_no_overlap",
+            {"mask_selection": "uniform", "mask_other": 2, "no_mask_overlap": True, "mask_min_space": 2},
+            None,
+        ),
     ]:
         for padded in (False, True):
             mask = pm if padded else torch.zeros_like(pm)
@@ -522,7 +551,8 @@ def masks_section() -> dict:
                 "padding_lengths": [120, 101, 87, 64] if padded else None,
                 "call": (
                     "MaskGenerator(MaskingConfig(**config))(padding_mask, generator=torch.Generator().manual_seed(5)"
-                    + ("" if channels is None else ", channels=channels") + ")  # padding_mask (4, 120) bool, "
+                    + ("" if channels is None else ", channels=channels")
+                    + ")  # padding_mask (4, 120) bool, "
                     "all False when padding_lengths is None"
                 ),
                 "mask_indices": tensor_or_none(indices),
@@ -584,9 +614,16 @@ def samplers_section() -> dict:
         for shuffle in (True, False):
             for drop_last in (False, True):
                 kwargs = {
-                    "lengths": "<lengths>", "num_buckets": 10, "min_len": 2000, "max_len": 320_000,
-                    "max_token_count": 1_000_000, "batch_size": None, "seed": 3, "bucket_method": bucket_method,
-                    "shuffle": shuffle, "drop_last": drop_last,
+                    "lengths": "<lengths>",
+                    "num_buckets": 10,
+                    "min_len": 2000,
+                    "max_len": 320_000,
+                    "max_token_count": 1_000_000,
+                    "batch_size": None,
+                    "seed": 3,
+                    "bucket_method": bucket_method,
+                    "shuffle": shuffle,
+                    "drop_last": drop_last,
                 }
                 sampler = bucketize(**(kwargs | {"lengths": lengths}))
                 token[f"{bucket_method}_shuffle_{shuffle}_drop_last_{drop_last}"] = {
@@ -596,8 +633,16 @@ def samplers_section() -> dict:
                     "buckets": {k: keep(v) for k, v in sampler.buckets.items()},
                 } | sampler_epochs(sampler)
     kwargs = {
-        "lengths": "<lengths>", "num_buckets": 7, "min_len": 0, "max_len": None, "max_token_count": 1_500_000,
-        "batch_size": None, "seed": 0, "bucket_method": "uniform", "shuffle": True, "drop_last": False,
+        "lengths": "<lengths>",
+        "num_buckets": 7,
+        "min_len": 0,
+        "max_len": None,
+        "max_token_count": 1_500_000,
+        "batch_size": None,
+        "seed": 0,
+        "bucket_method": "uniform",
+        "shuffle": True,
+        "drop_last": False,
     }
     token["max_len_none"] = {"kwargs": kwargs} | sampler_epochs(bucketize(**(kwargs | {"lengths": lengths})))
     out["token_count"] = token
@@ -610,9 +655,16 @@ def samplers_section() -> dict:
     for shuffle in (True, False):
         for drop_last in (False, True):
             kwargs = {
-                "lengths": "<lengths>", "num_buckets": 10, "min_len": 2000, "max_len": 320_000,
-                "max_token_count": None, "batch_size": 8, "seed": 1, "bucket_method": "uniform",
-                "shuffle": shuffle, "drop_last": drop_last,
+                "lengths": "<lengths>",
+                "num_buckets": 10,
+                "min_len": 2000,
+                "max_len": 320_000,
+                "max_token_count": None,
+                "batch_size": 8,
+                "seed": 1,
+                "bucket_method": "uniform",
+                "shuffle": shuffle,
+                "drop_last": drop_last,
             }
             batch[f"shuffle_{shuffle}_drop_last_{drop_last}"] = {"kwargs": kwargs} | sampler_epochs(
                 bucketize(**(kwargs | {"lengths": lengths}))
@@ -620,27 +672,43 @@ def samplers_section() -> dict:
     out["batch_size"] = batch
 
     base = {
-        "lengths": lengths, "num_buckets": 10, "min_len": 2000, "max_len": 320_000, "max_token_count": 1_000_000,
-        "batch_size": None, "seed": 0, "bucket_method": "uniform", "shuffle": True, "drop_last": False,
+        "lengths": lengths,
+        "num_buckets": 10,
+        "min_len": 2000,
+        "max_len": 320_000,
+        "max_token_count": 1_000_000,
+        "batch_size": None,
+        "seed": 0,
+        "bucket_method": "uniform",
+        "shuffle": True,
+        "drop_last": False,
     }
     out["bucketize_errors"] = {
-        "no_samples": error_of(bucketize, **(base | {"min_len": 500_000, "max_len": 600_000})) | {
-            "call": "BucketizeBatchSampler(**(base | {'min_len': 500_000, 'max_len': 600_000}))"},
-        "bad_bucket_method": error_of(bucketize, **(base | {"bucket_method": "bogus"})) | {
-            "call": "BucketizeBatchSampler(**(base | {'bucket_method': 'bogus'}))"},
+        "no_samples": error_of(bucketize, **(base | {"min_len": 500_000, "max_len": 600_000}))
+        | {"call": "BucketizeBatchSampler(**(base | {'min_len': 500_000, 'max_len': 600_000}))"},
+        "bad_bucket_method": error_of(bucketize, **(base | {"bucket_method": "bogus"}))
+        | {"call": "BucketizeBatchSampler(**(base | {'bucket_method': 'bogus'}))"},
         "base": {k: v for k, v in base.items() if k != "lengths"},
     }
 
     small = [5, 1, 9, 3, 7, 3, 10, 2]
     out["get_buckets"] = {
-        "uniform": {"call": "get_buckets([5, 1, 9, 3, 7, 3, 10, 2], 3, (1, 10))",
-                    "output": plain(get_buckets(small, 3, (1, 10)))},
-        "percentile": {"call": "get_buckets([5, 1, 9, 3, 7, 3, 10, 2], 3, None)",
-                       "output": plain(get_buckets(small, 3, None))},
-        "uniform_many": {"call": "get_buckets(lengths[:40], 5, (2000, 320000))",
-                         "output": plain(get_buckets(lengths[:40], 5, (2000, 320_000)))},
-        "percentile_many": {"call": "get_buckets(lengths[:40], 5, None)",
-                            "output": plain(get_buckets(lengths[:40], 5, None))},
+        "uniform": {
+            "call": "get_buckets([5, 1, 9, 3, 7, 3, 10, 2], 3, (1, 10))",
+            "output": plain(get_buckets(small, 3, (1, 10))),
+        },
+        "percentile": {
+            "call": "get_buckets([5, 1, 9, 3, 7, 3, 10, 2], 3, None)",
+            "output": plain(get_buckets(small, 3, None)),
+        },
+        "uniform_many": {
+            "call": "get_buckets(lengths[:40], 5, (2000, 320000))",
+            "output": plain(get_buckets(lengths[:40], 5, (2000, 320_000))),
+        },
+        "percentile_many": {
+            "call": "get_buckets(lengths[:40], 5, None)",
+            "output": plain(get_buckets(lengths[:40], 5, None)),
+        },
     }
 
     distributed = {}
@@ -649,16 +717,27 @@ def samplers_section() -> dict:
             for shuffle in (True, False):
                 for rank in range(world_size):
                     inner_kwargs = {  # percentile: 43 batches in epochs 0 and 1, 42 in epoch 2
-                        "lengths": "<lengths>", "num_buckets": 10, "min_len": 2000, "max_len": 320_000,
-                        "max_token_count": 1_000_000, "batch_size": None, "seed": 3, "bucket_method": "percentile",
-                        "shuffle": True, "drop_last": drop_last,
+                        "lengths": "<lengths>",
+                        "num_buckets": 10,
+                        "min_len": 2000,
+                        "max_len": 320_000,
+                        "max_token_count": 1_000_000,
+                        "batch_size": None,
+                        "seed": 3,
+                        "bucket_method": "percentile",
+                        "shuffle": True,
+                        "drop_last": drop_last,
                     }
                     inner = bucketize(**(inner_kwargs | {"lengths": lengths}))
                     with fake_world(world_size, rank):
                         sampler = DistributedBatchSampler(inner, seed=0, shuffle=shuffle, drop_last=drop_last)
                     entry = {
-                        "world_size": world_size, "rank": rank, "shuffle": shuffle, "drop_last": drop_last,
-                        "inner_kwargs": inner_kwargs, "len_after_init": len(sampler),
+                        "world_size": world_size,
+                        "rank": rank,
+                        "shuffle": shuffle,
+                        "drop_last": drop_last,
+                        "inner_kwargs": inner_kwargs,
+                        "len_after_init": len(sampler),
                         "inner_len_epoch0": len(inner),
                     }
                     for epoch in (1, 2):
@@ -702,16 +781,25 @@ def samplers_section() -> dict:
     crops = []
     wav = torch.arange(1000, dtype=torch.float32)
     for num, max_size, rand_crop in [
-        (300, 1000, True), (300, 200, True), (2000, 5000, True), (1000, 5000, True),
-        (300, 1000, False), (2000, 500, False), (999, 5000, True),
+        (300, 1000, True),
+        (300, 200, True),
+        (2000, 5000, True),
+        (1000, 5000, True),
+        (300, 1000, False),
+        (2000, 500, False),
+        (999, 5000, True),
     ]:
         for k in (0, 1, 2):
             torch.manual_seed(k)
             cropped, length = crop_audio(wav, num, max_size, rand_crop=rand_crop)
             crops.append(
                 {
-                    "num_samples": num, "max_sample_size": max_size, "rand_crop": rand_crop, "global_seed": k,
-                    "returned_length": length, "out_len": cropped.numel(),
+                    "num_samples": num,
+                    "max_sample_size": max_size,
+                    "rand_crop": rand_crop,
+                    "global_seed": k,
+                    "returned_length": length,
+                    "out_len": cropped.numel(),
                     "offset": int(cropped[0].item()) if cropped.numel() else None,
                     "sum": cropped.double().sum().item(),
                 }
@@ -746,8 +834,10 @@ def collate_section(tmp: Path) -> dict:
                     torch.manual_seed(seed)
                     wavs, attn, mask = collator(batch)
                     cases[f"max{max_sample_size}_padding_{enable_padding}_crop_{rand_crop}_seed{seed}"] = {
-                        "max_sample_size": max_sample_size, "enable_padding": enable_padding,
-                        "rand_crop": rand_crop, "global_seed": seed,
+                        "max_sample_size": max_sample_size,
+                        "enable_padding": enable_padding,
+                        "rand_crop": rand_crop,
+                        "global_seed": seed,
                         "waveforms_shape": list(wavs.shape),
                         "waveforms_dtype": str(wavs.dtype),
                         "row_sums": [wavs[i].double().sum().item() for i in range(wavs.size(0))],
@@ -778,8 +868,12 @@ def dataloader_section(tmp: Path) -> dict:
     out: dict[str, Any] = {}
     for persistent in (False, True):
         data_cfg = DataConfig(
-            manifest=str(manifest), num_workers=1, max_batch_length=200_000, max_sample_size=100_000,
-            pin_memory=False, persistent_workers=persistent,
+            manifest=str(manifest),
+            num_workers=1,
+            max_batch_length=200_000,
+            max_sample_size=100_000,
+            pin_memory=False,
+            persistent_workers=persistent,
         )
         loader = build_dataloader(data_cfg, MaskingConfig())
         entry: dict[str, Any] = {
@@ -821,10 +915,13 @@ def dataloader_section(tmp: Path) -> dict:
         build_dataloader, DataConfig(manifest=str(manifest), num_workers=0), MaskingConfig()
     ) | {"call": "build_dataloader(DataConfig(manifest=<abs manifest>, num_workers=0), MaskingConfig())"}
     out["num_workers_0_not_persistent"] = error_of(
-        build_dataloader, DataConfig(manifest=str(manifest), num_workers=0, persistent_workers=False),
+        build_dataloader,
+        DataConfig(manifest=str(manifest), num_workers=0, persistent_workers=False),
         MaskingConfig(),
-    ) | {"call": "build_dataloader(DataConfig(manifest=<abs manifest>, num_workers=0, persistent_workers=False), "
-                 "MaskingConfig())"}
+    ) | {
+        "call": "build_dataloader(DataConfig(manifest=<abs manifest>, num_workers=0, persistent_workers=False), "
+        "MaskingConfig())"
+    }
     return out
 
 
@@ -916,7 +1013,8 @@ def schedules_section() -> dict:
     out["optimizer_errors"] = {
         "bad_scheduler": error_of(
             build_optimizer, torch.nn.Linear(2, 2), OptimizerConfig(scheduler="bogus", dtype="float32")
-        ) | {"call": "build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(scheduler='bogus', dtype='float32'))"},
+        )
+        | {"call": "build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(scheduler='bogus', dtype='float32'))"},
         "bad_dtype": error_of(build_optimizer, torch.nn.Linear(2, 2), OptimizerConfig(dtype="float64"))
         | {"call": "build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(dtype='float64'))"},
     }
@@ -931,8 +1029,13 @@ RUN_BATCH, RUN_SAMPLES, RUN_DATA_SEED = 2, 16_000, 1234
 def run_config() -> Config:
     return Config(
         run=RunConfig(
-            workdir="tests/compat", wandb_project="fixtures", wandb_name="release_run", wandb_mode="disabled",
-            save_interval=2, compile=False, model_type="spidr",
+            workdir="tests/compat",
+            wandb_project="fixtures",
+            wandb_name="release_run",
+            wandb_mode="disabled",
+            save_interval=2,
+            compile=False,
+            model_type="spidr",
         ),
         data=DataConfig(manifest="tests/data/speech/manifest.csv"),
         model=tiny_config(),
@@ -988,11 +1091,17 @@ def run_dir_section(run_dir: Path) -> dict:
         saved = ckpt.save(step, epoch)
         history.append(
             {
-                "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr_before_step": lr,
-                "ema_decay": ema_decay, "target_ppl": outputs["target_ppl"].item(),
-                "pred_ppl": outputs["pred_ppl"].item(), "mask_indices": keep(mask_indices),
+                "step": step,
+                "loss": loss.item(),
+                "grad_norm": grad_norm.item(),
+                "lr_before_step": lr,
+                "ema_decay": ema_decay,
+                "target_ppl": outputs["target_ppl"].item(),
+                "pred_ppl": outputs["pred_ppl"].item(),
+                "mask_indices": keep(mask_indices),
                 "waveform_row_sums": [waveforms[i].double().sum().item() for i in range(RUN_BATCH)],
-                "removed_param_group": removed, "saved": saved,
+                "removed_param_group": removed,
+                "saved": saved,
                 "num_param_groups": len(optimizer.param_groups),
             }
         )
@@ -1113,7 +1222,8 @@ def run_dir_section(run_dir: Path) -> dict:
         "betas_type": type(reread.optimizer.betas).__name__,
         "conv_layer_type": type(reread.model.extractor_conv_layer_config[0]).__name__,
         "validation_keys": list(reread.validation),
-        "run_dir_relative": reread.run.dir.relative_to(REPO).as_posix() if reread.run.dir.is_relative_to(REPO)
+        "run_dir_relative": reread.run.dir.relative_to(REPO).as_posix()
+        if reread.run.dir.is_relative_to(REPO)
         else None,
     }
     return result
@@ -1181,11 +1291,15 @@ def metrics_section() -> dict:
         proba, phone_order, codes = proba_phone_code(data, num_units=16, num_phones=8, only_active=only_active)
         out[f"proba_phone_code_only_active_{only_active}"] = {
             "call": f"proba_phone_code(data, num_units=16, num_phones=8, only_active={only_active})",
-            "proba": keep(proba), "phone_order": phone_order, "codes_order": keep(codes),
+            "proba": keep(proba),
+            "phone_order": phone_order,
+            "codes_order": keep(codes),
         }
     count, phone_order = build_count_matrix(data, 16, 8, 2)
     out["build_count_matrix"] = {
-        "call": "build_count_matrix(data, 16, 8, 2)", "count": keep(count), "phone_order": phone_order,
+        "call": "build_count_matrix(data, 16, 8, 2)",
+        "count": keep(count),
+        "phone_order": phone_order,
     }
     bad_len = {"x": (["a"] * 10, [0] * 2)}
     bad_idx = {"x": (["a", "b", "c"] * 2, [0, 1, 2])}
@@ -1235,8 +1349,12 @@ def tools_section(tmp: Path) -> dict:
                 "m = AverageMeters(['a', 'b'], torch.device('cpu')); m.update(a=tensor(1.), b=tensor(4.)); "
                 "m.update(a=tensor(3.)); m['b'].update(tensor(2.), n=3); sums/counts read; pop(); pop()"
             ),
-            "sums_before_pop": sums, "counts_before_pop": counts, "pop1": first, "pop2_after_reset": second,
-            "sum_dtype": str(meters["a"].sum.dtype), "count_dtype": str(meters["a"].count.dtype),
+            "sums_before_pop": sums,
+            "counts_before_pop": counts,
+            "pop1": first,
+            "pop2_after_reset": second,
+            "sum_dtype": str(meters["a"].sum.dtype),
+            "count_dtype": str(meters["a"].count.dtype),
             "float64_pop": meters64.pop(),
             "float64_call": "AverageMeters(['x'], cpu, dtype=torch.float64); update(x=tensor(1/3, float64)); pop()",
         }
@@ -1282,19 +1400,26 @@ def tools_section(tmp: Path) -> dict:
     events.append({"action": "rewrite line 0 (modified); q3()", "result": call(q3)})
     fresh = tmp / "fresh.jsonl"
     fresh.write_text(
-        "".join(json.dumps(r) + "\n" for r in [{"step": 200, "group": "dev", "m": 1}, {"step": 300, "group": "dev",
-                                                                                        "m": 2}])
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"step": 200, "group": "dev", "m": 1}, {"step": 300, "group": "dev", "m": 2}]
+        )
     )
     q4 = MetricsQueue(fresh, 100, start=200)
-    events.append({"action": "fresh file with dev 200, 300; q4 = MetricsQueue(fresh, 100, start=200); q4()",
-                   "result": call(q4)})
+    events.append(
+        {"action": "fresh file with dev 200, 300; q4 = MetricsQueue(fresh, 100, start=200); q4()", "result": call(q4)}
+    )
     with fresh.open("a") as f:
         f.write(json.dumps({"step": 400, "group": "dev", "m": 3}) + "\n")
     events.append({"action": "append dev 400 to fresh; q4()", "result": call(q4)})
     q5 = MetricsQueue(tmp / "other.jsonl", 100, start=200)
     (tmp / "other.jsonl").write_text(json.dumps({"step": 200, "group": "dev", "m": 1}) + "\n")
-    events.append({"action": "q5 = MetricsQueue(missing, 100, start=200); then file written with dev 200; q5()",
-                   "result": call(q5)})
+    events.append(
+        {
+            "action": "q5 = MetricsQueue(missing, 100, start=200); then file written with dev 200; q5()",
+            "result": call(q5),
+        }
+    )
     out["metrics_queue"] = {"events": events, "note": "each record is one JSON line; results list what q() yields"}
 
     def pull(a: list[str], b: list[str]) -> dict:
@@ -1306,8 +1431,12 @@ def tools_section(tmp: Path) -> dict:
     out["pull_inserted_lines"] = [
         {"a": a, "b": b, "result": pull(a, b)}
         for a, b in [
-            ([], ["x", "y"]), (["x"], ["x", "y"]), (["x", "z"], ["x", "y", "z"]), (["x", "y"], ["x"]),
-            (["x", "y"], ["x", "q"]), (["x"], ["x"]),
+            ([], ["x", "y"]),
+            (["x"], ["x", "y"]),
+            (["x", "z"], ["x", "y", "z"]),
+            (["x", "y"], ["x"]),
+            (["x", "y"], ["x", "q"]),
+            (["x"], ["x"]),
         ]
     ]
 
@@ -1350,8 +1479,9 @@ def config_section(tmp: Path) -> dict:
         },
         "defaults_call": "dataclasses.asdict(XConfig(<required fields: manifest='m.csv' / workdir='w', "
         "wandb_project='p', wandb_name='n'>))",
-        "optimizer_mixed_precision": {d: OptimizerConfig(dtype=d).mixed_precision
-                                      for d in ("float32", "float16", "bfloat16")},
+        "optimizer_mixed_precision": {
+            d: OptimizerConfig(dtype=d).mixed_precision for d in ("float32", "float16", "bfloat16")
+        },
         "resume_config_fields": [f.name for f in dataclasses.fields(ResumeConfig)],
     }
     toml = tmp / "c.toml"
