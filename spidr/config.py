@@ -193,6 +193,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tables = [a for a in args if typing.is_typeddict(a) or dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(tables) == 1:  # a table: report what is wrong inside it
+            return _coerce(value, tables[0], where)
         for arg in args:
             if arg is type(None):
                 continue

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import bench_step
 from spidr.checkpoint import Checkpointer, find_checkpoints, remove_param_group
-from spidr.config import OptimizerConfig, ResumeConfig, SpidRConfig, read_config
+from spidr.config import ConfigError, OptimizerConfig, ResumeConfig, SpidRConfig, read_config
 from spidr.models import build_model
 from spidr.models.dinosr import ema_scheduler
 from spidr.models.spidr import exp_ema_scheduler
@@ -81,18 +81,23 @@ def release_run(tmp_path: Path) -> tuple[Path, Path]:
     return run, run / "config.json"
 
 
-def release_config(config: Path, tmp_path: Path, *more: str):
-    overrides = [
+def release_overrides(tmp_path: Path, *more: str) -> list[str]:
+    """Point the 0.2.0 run's config at this machine: the run in tmp_path, the committed speech, no workers."""
+    manifest = REPO / "tests" / "data" / "speech" / "manifest.csv"
+    return [
         f"run.workdir={tmp_path}",
-        f"data.manifest={REPO / 'tests' / 'data' / 'speech' / 'manifest.csv'}",
+        f"data.manifest={manifest}",
         "data.num_workers=0",
         "data.max_batch_length=100000",
         "data.max_sample_size=50000",
-        f"validation.dev.manifest={REPO / 'tests' / 'data' / 'speech' / 'manifest.csv'}",
+        f"validation.dev.manifest={manifest}",
         "validation.dev.num_workers=0",
         *more,
     ]
-    return read_config(config, overrides)
+
+
+def release_config(config: Path, tmp_path: Path, *more: str):
+    return read_config(config, release_overrides(tmp_path, *more))
 
 
 def test_a_release_run_directory_resumes_in_our_trainer(tmp_path, caplog):
@@ -121,18 +126,7 @@ def test_a_release_run_directory_resumes_in_our_trainer(tmp_path, caplog):
 
 def test_python_m_spidr_train_continues_a_release_run(tmp_path):
     run, config = release_run(tmp_path)
-    overrides = [
-        f"run.workdir={tmp_path}",
-        f"data.manifest={REPO / 'tests' / 'data' / 'speech' / 'manifest.csv'}",
-        "data.num_workers=0",
-        "data.max_batch_length=100000",
-        "data.max_sample_size=50000",
-        f"validation.dev.manifest={REPO / 'tests' / 'data' / 'speech' / 'manifest.csv'}",
-        "validation.dev.num_workers=0",
-        "optimizer.max_steps=5",
-        "run.save_interval=0",
-        "run.compile=false",
-    ]
+    overrides = release_overrides(tmp_path, "optimizer.max_steps=5", "run.save_interval=0", "run.compile=false")
     args = [sys.executable, "-m", "spidr.train", str(config), *(a for o in overrides for a in ("--set", o))]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -260,3 +254,45 @@ def test_resume_config_and_run_dir_types():
     cfg = read_config(FIXTURES / "release_run" / "config.json")
     assert isinstance(cfg.run.dir, Path) and cfg.run.dir.is_absolute()
     assert json.loads((FIXTURES / "release_run" / "config.json").read_text())["run"]["model_type"] == "spidr"
+
+
+def test_configs_the_release_accepts_load(tmp_path):
+    from spidr.slurm import executor_parameters
+
+    unusual = [
+        'run.slurm_validation={"partition": "gpu", "time": 30}',  # no account: the job's or the default one
+        "run.keep_latest=0",
+        "run.save_interval=-1",
+        "optimizer.lr=0",
+        "optimizer.rsqrt_timescale=0",  # unused by the tristage schedule
+        "masking.mask_prob=1.2",
+        "model.codebook_decay=1.0",
+        "data.min_sample_size=100",  # below the receptive field: see the next test
+    ]
+    cfg = read_config(REPO / "configs" / "demo.toml", [f"run.workdir={tmp_path}", *unusual])
+    assert cfg.run.slurm_validation == {"partition": "gpu", "time": 30}
+    params = executor_parameters(cfg.run.slurm_validation, "val")
+    assert params["nodes"] == 1 and params["gpus_per_node"] == 1 and params["partition"] == "gpu"
+    with pytest.raises(ConfigError, match=r"unknown key run\.slurm_validation\.acount; valid keys: account,"):
+        read_config(REPO / "configs" / "demo.toml", ['run.slurm_validation={"acount": "a"}'])
+
+
+def test_files_shorter_than_the_receptive_field_are_left_out_with_a_warning(tmp_path, caplog):
+    from spidr.data.loader import TrainingData
+
+    speech = REPO / "tests" / "data" / "speech"
+    (tmp_path / "m.csv").write_text(
+        "fileid,path,num_samples\n"
+        f"short,{tmp_path / 'short.wav'},300\n"
+        + "".join(f"{p.stem},{p},{54801}\n" for p in sorted(speech.glob("alice/*.wav"))[:2])
+    )
+    cfg = read_config(
+        REPO / "configs" / "demo.toml",
+        [f"run.workdir={tmp_path}", f"data.manifest={tmp_path / 'm.csv'}", "data.min_sample_size=100"],
+    )
+    with caplog.at_level("WARNING"):
+        data = TrainingData(cfg.data, cfg.masking, cfg.model)
+    assert "shorter than the model's receptive field (400 samples) though not shorter than data.min_sample_size" in (
+        caplog.text
+    )
+    assert data.sampler.dropped == [0]
