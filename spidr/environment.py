@@ -30,6 +30,7 @@ __all__ = [
     "distributed_environment",
     "init_logger",
     "keep_conv_backward_dynamic",
+    "read_distributed_environment",
     "rng_state",
     "set_rng_state",
     "set_seed",
@@ -77,11 +78,25 @@ def distributed_environment() -> DistributedEnvironment:
     """The process's rank, local rank and world size, and the rendezvous address, from torchrun's variables
     (``LOCAL_RANK`` set), else from SLURM's in a job step (``SLURM_JOB_ID`` and ``SLURM_PROCID`` set: the master
     is the first node, its port drawn from the job id), else a single process on a free local port. The result
-    is exported as ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    is exported as ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (what
+    ``torch.distributed.init_process_group`` reads).
 
     Raises:
         ValueError: a variable of the launcher is missing or not an integer (named).
     """
+    env = read_distributed_environment()
+    os.environ.update(
+        RANK=str(env.global_rank),
+        LOCAL_RANK=str(env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        MASTER_PORT=str(env.master_port),
+        MASTER_ADDR=env.master_addr,
+    )
+    return env
+
+
+def read_distributed_environment() -> DistributedEnvironment:
+    """:func:`distributed_environment` without exporting anything (the environment is left as it is)."""
     environ = os.environ
     try:
         if environ.get("LOCAL_RANK") is not None:  # torchrun
@@ -106,13 +121,6 @@ def distributed_environment() -> DistributedEnvironment:
         raise ValueError(f"the launcher's variable {error.args[0]} is not set") from None
     except ValueError as error:
         raise ValueError(f"a launcher variable is not an integer: {error}") from None
-    environ.update(
-        RANK=str(env.global_rank),
-        LOCAL_RANK=str(env.local_rank),
-        WORLD_SIZE=str(env.world_size),
-        MASTER_PORT=str(env.master_port),
-        MASTER_ADDR=env.master_addr,
-    )
     return env
 
 
@@ -147,12 +155,15 @@ def setup_distributed(device: str = "auto", *, init_single_process: bool = True)
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
-    env = distributed_environment()
+    env = read_distributed_environment()
+    initialise = (env.world_size > 1 or init_single_process) and not dist.is_initialized()
+    if initialise:  # the rendezvous variables init_process_group reads (a lone process leaves the environment alone)
+        env = distributed_environment()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
     chosen = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
-    if (env.world_size > 1 or init_single_process) and not dist.is_initialized():
+    if initialise:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         logger.debug("Process group up: rank %d of %d", env.global_rank, env.world_size)
     return Env(rank=env.global_rank, world_size=env.world_size, local_rank=env.local_rank, device=chosen)

@@ -87,10 +87,9 @@ def get_buckets(lengths: Sequence[int], num_buckets: int, uniform_limits: tuple[
         quantiles = torch.linspace(0, 1, num_buckets + 1)
         boundaries = torch.quantile(values.to(torch.float32), quantiles, interpolation="lower")[1:]
     ids = torch.bucketize(values, boundaries)
-    buckets: dict[int, Tensor] = {}
-    for bucket in torch.unique(ids).tolist():
-        buckets[int(bucket)] = torch.nonzero(ids == bucket).flatten().to(torch.int32)
-    return buckets
+    order = torch.argsort(ids, stable=True).to(torch.int32)  # positions grouped by bucket, ascending within each
+    present, counts = torch.unique_consecutive(ids[order.long()], return_counts=True)
+    return dict(zip(present.tolist(), torch.split(order, counts.tolist()), strict=True))
 
 
 def rank_share(batches: list[list[int]], rank: int, world_size: int, *, drop_last: bool) -> list[list[int]]:

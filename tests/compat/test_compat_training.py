@@ -296,3 +296,31 @@ def test_files_shorter_than_the_receptive_field_are_left_out_with_a_warning(tmp_
         caplog.text
     )
     assert data.sampler.dropped == [0]
+
+
+def test_environment_setup_as_the_release_and_as_our_trainer(monkeypatch):
+    from spidr import environment
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    env = environment.setup_distributed("cpu", init_single_process=False)  # our trainer: a lone process
+    assert (env.rank, env.world_size, env.device.type) == (0, 1, "cpu")
+    assert "MASTER_PORT" not in os.environ and not torch.distributed.is_initialized()
+    found = environment.distributed_environment()  # the release's: exported for init_process_group
+    assert isinstance(found, environment.DistributedEnvironment) and found.world_size == 1
+    assert os.environ["MASTER_PORT"] == str(found.master_port) and os.environ["RANK"] == "0"
+    env = environment.setup_distributed("cpu")  # the release's setup_distributed(): a group even for one process
+    try:
+        assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    finally:
+        torch.distributed.destroy_process_group()
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[012-013]")
+    monkeypatch.setattr(environment.shutil, "which", lambda _: None)  # no scontrol here
+    monkeypatch.delenv("LOCAL_RANK")
+    slurm = environment.read_distributed_environment()
+    assert (slurm.global_rank, slurm.local_rank, slurm.world_size, slurm.master_addr) == (3, 1, 8, "gpu012")
+    assert 20_000 <= slurm.master_port <= 60_000
