@@ -6,6 +6,6 @@ Import what you need from the subpackages: ``spidr.models`` (models and pretrain
 
 from spidr._extension import build_info
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = ["__version__", "build_info"]

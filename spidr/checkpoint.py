@@ -161,14 +161,17 @@ def newest_loadable(folder: str | Path) -> tuple[Path, Any] | None:
         raise CheckpointError(f"cannot resume: {error}. Move {path.name} out of {path.parent} to {fallback}") from None
 
 
-def prune(folder: str | Path, keep_latest: int, *, keep: str | Path | None = None) -> None:
+def prune(folder: str | Path, keep_latest: int, *, keep: str | Path | None = None, count_final: bool = False) -> None:
     """Delete all but the ``keep_latest`` newest ``step_N.pt`` files (0 or less keeps everything, as in the
-    reference release); ``keep`` (the checkpoint just written) is never deleted."""
+    reference release); ``keep`` (the checkpoint just written) and ``final.pt`` are never deleted. With
+    ``count_final`` (the release's ``Checkpointer``), ``final.pt`` is one of the ``keep_latest``."""
     if keep_latest <= 0:
         return
     kept = Path(keep).resolve() if keep is not None else None
-    steps = [p for p in list_checkpoints(folder) if p.name != "final.pt"]
-    for path in steps[: max(0, len(steps) - keep_latest)]:
+    checkpoints = list_checkpoints(folder)
+    finals = sum(p.name == "final.pt" for p in checkpoints) if count_final else 0
+    steps = [p for p in checkpoints if p.name != "final.pt"]
+    for path in steps[: max(0, len(steps) + finals - keep_latest)]:
         if path.resolve() != kept:
             path.unlink(missing_ok=True)
 
@@ -273,7 +276,7 @@ class Checkpointer:
             path,
         )
         self._path = path
-        prune(self.folder, self.keep_latest, keep=path)
+        prune(self.folder, self.keep_latest, keep=path, count_final=True)
         return True
 
     def save(self, step: int, epoch: int, *, force: bool = False) -> bool:

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar
 
 __all__ = [
     "DEFAULT_CONV_LAYER_CONFIG",
@@ -316,11 +316,12 @@ def _require(ok: bool, where: str, value: object, expected: str) -> None:
 _MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1]
 
 
-class SlurmConfig(TypedDict, total=False):
+class SlurmConfig(TypedDict):
     """SLURM resources of a job (the ``run.slurm_validation`` table; ``python -m spidr``'s options).
 
     A plain dict, as in the reference release: ``SlurmConfig(account="a", nodes=1, gpus_per_node=1)`` and
-    ``cfg["qos"] = "high"`` both work. A ``run.slurm_validation`` table may give any subset of the keys:
+    ``cfg["qos"] = "high"`` both work. A ``run.slurm_validation`` table may give any subset of the keys (the
+    release reads it unchecked):
     ``nodes`` and ``gpus_per_node`` default to 1, and without ``account`` the job is submitted to the SLURM
     account of the training job (``$SLURM_JOB_ACCOUNT``), else to the user's default account.
     """
@@ -328,12 +329,12 @@ class SlurmConfig(TypedDict, total=False):
     account: str
     nodes: int
     gpus_per_node: int
-    qos: str
-    time: int
-    cpus_per_task: int
-    mem_per_gpu: str
-    constraint: str
-    partition: str
+    qos: NotRequired[str]
+    time: NotRequired[int]
+    cpus_per_task: NotRequired[int]
+    mem_per_gpu: NotRequired[str]
+    constraint: NotRequired[str]
+    partition: NotRequired[str]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ The reference release's launcher is here too, with its names and arguments: :fun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -76,14 +77,12 @@ _OPTIONAL_KEYS = ("cpus_per_task", "mem_per_gpu", "time", "constraint", "partiti
 
 
 def executor_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters: one task per GPU, nodes x GPUs tasks in all.
+    """submitit SlurmExecutor parameters: one task per GPU, nodes x GPUs tasks in all; keys beyond
+    SlurmConfig's are passed to submitit as they are.
 
     ``nodes`` and ``gpus_per_node`` default to 1; without ``account`` the job goes to the account of the SLURM
     job this runs in (``$SLURM_JOB_ACCOUNT``), else to the user's default account.
     """
-    unknown = sorted(set(slurm) - set(SlurmConfig.__annotations__))
-    if unknown:
-        raise ValueError(f"unknown SLURM option {unknown[0]!r}; valid: {', '.join(SlurmConfig.__annotations__)}")
     gpus = int(slurm.get("gpus_per_node", 1))
     params: dict[str, Any] = {
         "job_name": job_name,
@@ -95,6 +94,10 @@ def executor_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
     if account:
         params["account"] = account
     params.update({k: slurm[k] for k in _OPTIONAL_KEYS if slurm.get(k) is not None})  # type: ignore[literal-required]
+    # Other submitit options (exclude, setup, ...) pass through as the release passes them; the config tables
+    # of spidr.config only ever hold SlurmConfig's keys.
+    known = {"account", "nodes", "gpus_per_node", *_OPTIONAL_KEYS}
+    params.update({k: v for k, v in slurm.items() if k not in known})
     return params
 
 
@@ -213,7 +216,12 @@ def make_checkpointable(fn: Callable[P, T]) -> Callable[P, T]:
     def checkpoint(*args: P.args, **kwargs: P.kwargs) -> Any:
         return submitit.helpers.DelayedSubmission(fn, *args, **kwargs)
 
-    fn.checkpoint = checkpoint  # type: ignore[attr-defined]
+    try:
+        fn.checkpoint = checkpoint  # type: ignore[attr-defined]
+    except AttributeError:  # a builtin or another callable without attributes: wrap it
+        wrapped = functools.wraps(fn)(lambda *args, **kwargs: fn(*args, **kwargs))
+        wrapped.checkpoint = checkpoint  # type: ignore[attr-defined]
+        return wrapped
     return fn
 
 

@@ -15,9 +15,11 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -319,7 +321,7 @@ class Trainer:
                 self.wandb.log(record, step=record["step"])
 
     def _init_wandb(self) -> Any:
-        """wandb's run when it is installed and run.wandb_mode is not "disabled" (rank 0 only), else None."""
+        """wandb's run when it is installed (rank 0 only; a no-op run with run.wandb_mode = "disabled")."""
         if not self.env.is_main:
             return None
         return init_wandb(self.cfg)
@@ -435,12 +437,14 @@ def init_wandb(cfg: Config) -> Any:
     directory, then ``wandb.init`` with the run's project, name and mode (``offline`` by default), resumed when
     it exists, and the ``train/*`` and ``<validation set>/*`` metrics each on their own step.
 
+    The run's id is derived from ``run.wandb_name`` (characters wandb refuses in an id replaced, a hash of the
+    name added then), so that a resumed training run logs into the same wandb run. In ``disabled`` mode
+    ``wandb.init`` is still called, so that ``wandb.log`` elsewhere is a no-op rather than an error.
+
     Returns:
-        wandb's run, or None when ``run.wandb_mode`` is ``"disabled"`` or wandb is not installed (logged).
+        wandb's run, or None when wandb is not installed (logged).
     """
     write_config_json(cfg)
-    if cfg.run.wandb_mode == "disabled":
-        return None
     try:
         import wandb
     except ImportError:
@@ -450,10 +454,10 @@ def init_wandb(cfg: Config) -> Any:
         project=cfg.run.wandb_project,
         name=cfg.run.wandb_name,
         mode=cfg.run.wandb_mode,
-        dir=str(cfg.run.dir),
+        dir=str(Path(cfg.run.workdir).resolve()),
         config=config_to_dict(cfg),
         resume="allow",
-        id=cfg.run.wandb_name,
+        id=wandb_run_id(cfg.run.wandb_name),
     )
     wandb.define_metric("train/step")
     wandb.define_metric("train/*", step_metric="train/step")
@@ -461,6 +465,15 @@ def init_wandb(cfg: Config) -> Any:
         wandb.define_metric(f"{name}/step")
         wandb.define_metric(f"{name}/*", step_metric=f"{name}/step")
     return run
+
+
+def wandb_run_id(name: str) -> str:
+    """A wandb run id for the run named ``name``: the name itself when wandb accepts it as an id, else the name
+    with the characters wandb refuses (``:;,#?/'``, spaces) replaced by ``-`` and 8 hex digits of its hash."""
+    cleaned = re.sub(r"[:;,#?/'\s]", "-", name)
+    if cleaned == name:
+        return name
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def validates_in_slurm(cfg: Config) -> bool:

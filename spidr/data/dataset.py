@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from spidr.config import DEFAULT_CONV_LAYER_CONFIG, SAMPLE_RATE, DataConfig, MaskingConfig
 from spidr.data.audio import decode_audio
 from spidr.data.collate import collate
-from spidr.data.manifests import AudioEntry, read_entries
+from spidr.data.manifests import AudioEntry, ManifestError
 from spidr.data.masks import MaskGenerator
 from spidr.data.samplers import BucketizeBatchSampler, DistributedBatchSampler, get_buckets, verify_lengths
 from spidr.data.utils import bytes_from_archive, read_manifest
@@ -53,54 +53,69 @@ logger = logging.getLogger(__name__)
 
 
 class SpeechDataset(Dataset[Tensor], abc.ABC):
-    """Utterances of a manifest: item ``i`` is the ``i``-th row's waveform, a 1-D float32 tensor at 16 kHz.
+    """Utterances of a manifest: item ``i`` is the ``i``-th row's waveform, a 1-D tensor at 16 kHz (float32).
 
     Args:
         manifest_path: a ``.csv``, ``.jsonl`` or fairseq ``.tsv`` manifest (see :mod:`spidr.data.manifests`).
         normalize: standardise every waveform (zero mean, unit variance over the utterance), as the models expect.
 
     Attributes:
-        manifest: the manifest as a polars DataFrame (:func:`spidr.data.manifests.read_manifest`).
-        entries: the same rows as :class:`~spidr.data.manifests.AudioEntry`, paths resolved.
+        manifest: the manifest as a polars DataFrame (:func:`spidr.data.manifests.read_manifest`). The dataset
+            reads its rows when an item is asked for, so a filtered or extended DataFrame assigned here is the
+            dataset's from then on (extra columns, e.g. labels, are kept for subclasses).
 
     Subclasses implement ``_load_audio(index) -> (samples (channels, frames), sample_rate)``.
 
     Raises:
-        spidr.data.manifests.ManifestError: the manifest cannot be read (named, with line and column).
+        spidr.data.manifests.ManifestError: the manifest cannot be read (named, with the line when known).
     """
 
     def __init__(self, manifest_path: Path | str, *, normalize: bool) -> None:
         super().__init__()
         self.manifest_path = Path(manifest_path)
-        self.entries: list[AudioEntry] = read_entries(manifest_path)
         self.manifest = read_manifest(manifest_path)
         self.normalize = normalize
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.manifest)
+
+    def _resolve(self, written: str) -> str:
+        """A path as written in the manifest: absolute as is; a relative one beside the manifest when it exists
+        there, else from the current directory (where the release looks)."""
+        if os.path.isabs(written):
+            return written
+        beside = str(self.manifest_path.resolve().parent / written)
+        return beside if os.path.exists(beside) or not os.path.exists(written) else os.path.abspath(written)
 
     def entry(self, index: int) -> AudioEntry:
-        """Row ``index`` of the manifest. A relative path that does not exist beside the manifest but does from
-        the current directory (where the release looks) is taken from there."""
+        """Row ``index`` of the manifest as an :class:`~spidr.data.manifests.AudioEntry` (paths resolved).
+
+        Raises:
+            TypeError: ``index`` is not an int.
+            IndexError: ``index`` is out of range.
+            ValueError: the row has no ``path`` (or, for a tar member, no ``byte_offset``/``byte_size``).
+        """
         if not isinstance(index, int) or isinstance(index, bool):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not -len(self.entries) <= index < len(self.entries):
-            raise IndexError(f"index {index} is out of range for {self.manifest_path} ({len(self.entries)} rows)")
-        entry = self.entries[index]
-        column = "archive" if entry.archive is not None else "path"
-        written = str(self.manifest[index, column])
-        resolved = entry.archive if entry.archive is not None else entry.path
-        if not os.path.isabs(written) and not os.path.exists(resolved) and os.path.exists(written):
-            fallback = os.path.abspath(written)
-            return AudioEntry(
-                entry.fileid,
-                entry.path if entry.archive is not None else fallback,
-                entry.num_samples,
-                fallback if entry.archive is not None else None,
-                entry.byte_offset,
-                entry.byte_size,
+        if not -len(self.manifest) <= index < len(self.manifest):
+            raise IndexError(f"index {index} is out of range for {self.manifest_path} ({len(self.manifest)} rows)")
+        row = self.manifest.row(index, named=True)
+        if row.get("path") in (None, ""):
+            raise ValueError(
+                f"{self.manifest_path}, row {index}: no 'path' to read the audio from (columns: "
+                f"{', '.join(self.manifest.columns)})"
             )
-        return entry
+        path = str(row["path"])
+        count = row.get("num_samples")
+        num_samples = int(float(count)) if count not in (None, "") else 0
+        fileid = str(row.get("fileid") or Path(path).stem)
+        archive = row.get("archive")
+        if archive in (None, ""):
+            return AudioEntry(fileid, self._resolve(path), num_samples)
+        offset, size = row.get("byte_offset"), row.get("byte_size")
+        if offset is None or size is None:
+            raise ValueError(f"{self.manifest_path}, row {index}: a tar member needs byte_offset and byte_size")
+        return AudioEntry(fileid, path, num_samples, self._resolve(str(archive)), int(offset), int(size))
 
     @abc.abstractmethod
     def _load_audio(self, index: int) -> tuple[Tensor, int]:
@@ -112,11 +127,11 @@ class SpeechDataset(Dataset[Tensor], abc.ABC):
             got = tuple(waveform.shape) if isinstance(waveform, Tensor) else type(waveform).__name__
             raise ValueError(f"_load_audio({index}) must return samples of shape (channels, frames), got {got}")
         if sample_rate != SAMPLE_RATE or waveform.shape[0] != 1:
+            where = self.manifest["path"][index] if "path" in self.manifest.columns else f"row {index}"
             raise ValueError(
-                f"Sample {index} ({self.entries[index].path}): expected mono audio at {SAMPLE_RATE} Hz, "
+                f"Sample {index} ({where}): expected mono audio at {SAMPLE_RATE} Hz, "
                 f"got {waveform.shape[0]} channel(s) at {sample_rate} Hz"
             )
-        waveform = waveform.to(torch.float32)
         if self.normalize:
             waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)
         return waveform[0]
@@ -141,16 +156,18 @@ class SpeechDatasetFromArchive(SpeechDataset):
 
 
 def speech_dataset(manifest_path: Path | str, *, normalize: bool) -> SpeechDataset:
-    """The dataset of a manifest: :class:`SpeechDatasetFromArchive` when its rows are tar members, else
-    :class:`SpeechDatasetFromFiles`.
+    """The dataset of a manifest: :class:`SpeechDatasetFromArchive` when it has the tar columns (``archive``,
+    ``byte_offset``, ``byte_size``), else :class:`SpeechDatasetFromFiles`.
 
     Raises:
-        spidr.data.manifests.ManifestError: the manifest cannot be read (named, with line and column).
+        spidr.data.manifests.ManifestError: the manifest cannot be read (named).
     """
-    entries = read_entries(manifest_path)
-    if entries and all(entry.archive is not None for entry in entries):
-        return SpeechDatasetFromArchive(manifest_path, normalize=normalize)
-    return SpeechDatasetFromFiles(manifest_path, normalize=normalize)
+    files = SpeechDatasetFromFiles(manifest_path, normalize=normalize)
+    if {"archive", "byte_offset", "byte_size"} <= set(files.manifest.columns):
+        archive = SpeechDatasetFromArchive.__new__(SpeechDatasetFromArchive)
+        archive.__dict__.update(files.__dict__)  # the same manifest, read once
+        return archive
+    return files
 
 
 def conv_length(shapes: Sequence[tuple[int, int, int]], length: Tensor) -> Tensor:
@@ -255,7 +272,9 @@ def build_dataloader(
     """
     layers = conv_layer_config or DEFAULT_CONV_LAYER_CONFIG
     dataset = speech_dataset(data_cfg.manifest, normalize=data_cfg.normalize)
-    lengths = [entry.num_samples for entry in dataset.entries]
+    if "num_samples" not in dataset.manifest.columns:
+        raise ManifestError(f"{data_cfg.manifest}: no 'num_samples' column, which batching needs")
+    lengths = [int(float(n)) for n in dataset.manifest["num_samples"].to_list()]
     sampler = DistributedBatchSampler(
         BucketizeBatchSampler(
             lengths=lengths,

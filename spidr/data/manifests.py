@@ -143,41 +143,50 @@ def read_entries(path: str | os.PathLike[str], *, check_exists: bool = False) ->
 def read_manifest(path: str | os.PathLike[str]) -> pl.DataFrame:
     """Read a manifest as a polars DataFrame, as the reference release does (its ``read_manifest``).
 
-    CSV and JSONL come back with the file's own columns (``fileid``, ``path``, ``num_samples``, the tar columns,
-    and any other), values as written and types inferred by polars; a fairseq TSV as the columns ``fileid`` (the
-    relative path, as the release names it), ``path`` (the root joined to it) and ``num_samples``. Relative paths
-    are left as written (:func:`read_entries` resolves them against the manifest's directory).
+    CSV and JSONL come back with the file's own columns, whatever they are (``fileid``, ``path``,
+    ``num_samples``, the tar columns, or others: a manifest of ``fileid,num_samples`` alone is read too), values
+    as written and types inferred by polars; a fairseq TSV as the columns ``fileid`` (the relative path, as the
+    release names it), ``path`` (the root joined to it) and ``num_samples``. Relative paths are left as written.
+    Nothing is checked beyond what parsing needs: :func:`read_entries` checks a manifest of audio files.
 
     Raises:
-        ManifestError: the manifest is checked as :func:`read_entries` checks it first (a missing column, a bad
-            value...: the message names the manifest, the line and the column).
+        ManifestError: an unknown suffix, a missing file, text that is not UTF-8 or does not parse, or a TSV
+            without its root line; the message names the manifest (and the line when it is known).
     """
     import polars as pl
 
-    read_entries(path)
     manifest = Path(path)
     suffix = manifest.suffix.lower()
-    if suffix == ".csv":
-        return pl.read_csv(manifest)
-    if suffix == ".jsonl":
-        return pl.read_ndjson(manifest) if _has_content(manifest) else pl.DataFrame(schema=dict.fromkeys(BASE_COLUMNS))
+    if suffix not in (".csv", ".jsonl", ".tsv"):
+        raise _fail(manifest, f"unknown manifest suffix '{manifest.suffix}' (expected .csv, .jsonl or .tsv)")
+    if not manifest.is_file():
+        raise _fail(manifest, "manifest not found" if not manifest.exists() else "not a file")
+    _check_utf8(manifest)
+    try:
+        if suffix == ".csv":
+            return pl.read_csv(manifest)
+        if suffix == ".jsonl":
+            return pl.read_ndjson(manifest) if _has_content(manifest) else pl.DataFrame()
+    except pl.exceptions.PolarsError as error:
+        raise _fail(manifest, f"cannot parse {suffix[1:].upper()} ({str(error).splitlines()[0]})") from None
     with manifest.open(encoding="utf-8-sig", newline="") as file:
         lines = file.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise _fail(manifest, "the first line must be the dataset root (fairseq TSV manifest)", 1, "root")
     written = lines[0].strip()
-    root = (
-        str(Path(written))
-        if os.path.isabs(written) or os.path.isdir(written)
-        else _join(manifest.resolve().parent, written)
-    )
-    rows = [line.split("\t") for line in lines[1:] if line.strip()]
-    return pl.DataFrame(
-        {
-            "fileid": [relative for relative, _ in rows],
-            "path": [f"{root.rstrip(os.sep)}{os.sep}{relative}" for relative, _ in rows],
-            "num_samples": [int(count) for _, count in rows],
-        },
-        schema={"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64},
-    )
+    root = written if os.path.isabs(written) or os.path.isdir(written) else _join(manifest.resolve().parent, written)
+    root = str(Path(root))
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        count = _parse_count(fields[1]) if len(fields) == 2 else None
+        if count is None:
+            raise _fail(manifest, "expected relative_path<TAB>num_samples", number)
+        rows.append((fields[0], f"{root}{os.sep}{fields[0]}", count))
+    schema = {"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64}
+    return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 def _check_utf8(manifest: Path) -> None:

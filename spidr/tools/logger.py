@@ -28,24 +28,14 @@ class ColoredFormatter(logging.Formatter):
         return f"{self.COLORS.get(record.levelname, '')}{super().format(record)}{self.RESET}"
 
 
-class _Below(logging.Filter):
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < self.level
-
-
 def init_logger(file: str | Path | None = None, *, with_colors: bool = False) -> None:
-    """Send every log record to the console (below WARNING to stdout, WARNING and above to stderr) and, with
-    ``file``, append them to that file too. Replaces the root logger's handlers and sets it to DEBUG."""
+    """Send every log record to stdout, WARNING and above to stderr as well (the reference release's setup)
+    and, with ``file``, append them to that file too. Replaces the root logger's handlers and sets it to DEBUG."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     formatter = (ColoredFormatter if with_colors else logging.Formatter)(_FORMAT)
     out = logging.StreamHandler(sys.stdout)
     out.setLevel(logging.DEBUG)
-    out.addFilter(_Below(logging.WARNING))
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):

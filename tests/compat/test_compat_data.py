@@ -162,15 +162,35 @@ def test_write_manifest_functions_give_the_release_rows(tmp_path):
         write_manifest_tar(tmp_path / "a.tar.gz", tmp_path / "gz.csv")
 
 
-def test_read_manifest_keeps_extra_columns_and_names_bad_ones(tmp_path):
+def test_read_manifest_reads_any_columns_as_the_release_does(tmp_path):
     (tmp_path / "m.csv").write_text("fileid,path,num_samples,speaker\na,a.wav,10,s1\n")
     frame = read_manifest(tmp_path / "m.csv")
     assert frame.columns == ["fileid", "path", "num_samples", "speaker"] and frame["speaker"].to_list() == ["s1"]
-    (tmp_path / "bad.csv").write_text("fileid,file,num_samples\na,a.wav,10\n")
-    with pytest.raises(ManifestError, match=r"bad\.csv, line 1, column 'path': missing column"):
-        read_manifest(tmp_path / "bad.csv")
+    (tmp_path / "ids.csv").write_text("fileid,num_samples\na,16000\n")  # a manifest of ids, paths added later
+    assert read_manifest(tmp_path / "ids.csv").columns == ["fileid", "num_samples"]
+    (tmp_path / "units.jsonl").write_text('{"fileid": "a", "units": [1, 2]}\n')
+    assert read_manifest(tmp_path / "units.jsonl")["units"].to_list() == [[1, 2]]
     with pytest.raises(ManifestError, match=r"unknown manifest suffix '\.txt'"):
         speech_dataset(tmp_path / "m.txt", normalize=True)
+    (tmp_path / "bad.jsonl").write_text('{"fileid": "a"\n')
+    with pytest.raises(ManifestError, match=r"bad\.jsonl: cannot parse JSONL"):
+        read_manifest(tmp_path / "bad.jsonl")
+
+
+def test_dataset_takes_the_manifest_it_is_given(tmp_path):
+    wav = SPEECH / "alice" / "utt00.wav"
+    (tmp_path / "paths.csv").write_text(f"path,num_samples\n{wav},54801.0\n{SPEECH / 'bob' / 'utt01.wav'},1\n")
+    dataset = speech_dataset(tmp_path / "paths.csv", normalize=True)  # no fileid, a float count: the release reads it
+    golden = GOLDEN["dataset"]["files_normalize_True"]["full_items"][0]
+    torch.testing.assert_close(dataset[0], golden, rtol=0, atol=1e-6)
+    dataset.manifest = dataset.manifest.tail(1)  # a filtered manifest is the dataset's from then on
+    assert len(dataset) == 1 and dataset.entry(0).path == str(SPEECH / "bob" / "utt01.wav")
+    (tmp_path / "ids.csv").write_text("fileid,num_samples\na,16000\n")
+    with pytest.raises(ValueError, match=r"ids\.csv, row 0: no 'path' to read the audio from \(columns: fileid"):
+        speech_dataset(tmp_path / "ids.csv", normalize=True)[0]
+    (tmp_path / "nocount.csv").write_text(f"fileid,path\na,{wav}\n")
+    with pytest.raises(ManifestError, match=r"nocount\.csv: no 'num_samples' column, which batching needs"):
+        build_dataloader(DataConfig(manifest=str(tmp_path / "nocount.csv"), num_workers=0), MaskingConfig())
 
 
 def test_dataset_errors_name_the_file(tmp_path):

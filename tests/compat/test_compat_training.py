@@ -160,7 +160,8 @@ def test_the_release_checkpointer_saves_loads_and_reads_release_files(tmp_path):
     other.init_state(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched, scaler=fresh_scaler)
     assert other.load(4) and int(other.step) == 4
     assert not other.load(99)
-    assert other.save_final(6, 3) and sorted(p.name for p in run.glob("step_*.pt")) == ["step_4.pt"]
+    # keep_latest counts final.pt, as the release's Checkpointer does (final.pt itself is never deleted)
+    assert other.save_final(6, 3) and sorted(p.name for p in run.glob("*.pt")) == ["final.pt"]
 
 
 def test_meters_behave_as_the_release():
@@ -302,7 +303,8 @@ def test_environment_setup_as_the_release_and_as_our_trainer(monkeypatch):
     from spidr import environment
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the exports below are undone after the test
+        monkeypatch.delenv(name)
     env = environment.setup_distributed("cpu", init_single_process=False)  # our trainer: a lone process
     assert (env.rank, env.world_size, env.device.type) == (0, 1, "cpu")
     assert "MASTER_PORT" not in os.environ and not torch.distributed.is_initialized()
@@ -324,3 +326,67 @@ def test_environment_setup_as_the_release_and_as_our_trainer(monkeypatch):
     slurm = environment.read_distributed_environment()
     assert (slurm.global_rank, slurm.local_rank, slurm.world_size, slurm.master_addr) == (3, 1, 8, "gpu012")
     assert 20_000 <= slurm.master_port <= 60_000
+
+
+def test_init_wandb_as_the_release_calls_it(tmp_path, monkeypatch):
+    import types
+
+    from spidr.train import init_wandb, wandb_run_id
+
+    calls: list[tuple[str, dict]] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or types.SimpleNamespace(finish=lambda: None)
+    fake.define_metric = lambda name, **kwargs: calls.append((name, kwargs))
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # wandb itself need not be installed for the test
+    cfg = read_config(
+        REPO / "configs" / "demo.toml",
+        [f"run.workdir={tmp_path}", "run.wandb_name=lr=5e-4,bs=8", "run.wandb_mode=disabled"],
+    )
+    assert init_wandb(cfg) is not None  # disabled still initialises, so a client's wandb.log() is a no-op
+    (_, kwargs), *metrics = calls
+    assert kwargs["mode"] == "disabled" and kwargs["name"] == "lr=5e-4,bs=8" and kwargs["project"] == "demo"
+    assert kwargs["id"] == wandb_run_id("lr=5e-4,bs=8") and not set(kwargs["id"]) & set(":;,#?/' ")
+    assert kwargs["dir"] == str(tmp_path.resolve()) and (cfg.run.dir / "config.json").is_file()
+    assert ("train/*", {"step_metric": "train/step"}) in metrics
+    assert wandb_run_id("spidr_demo") == "spidr_demo" and wandb_run_id("a/b") != wandb_run_id("a:b")
+
+
+def test_launch_with_submitit_passes_every_option_through(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    from spidr import slurm
+
+    seen: dict = {}
+
+    class Executor:
+        def __init__(self, folder):
+            seen["folder"] = folder
+
+        def update_parameters(self, **params):
+            seen["params"] = params
+
+        def batch(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def submit(self, fn, *args):
+            seen.setdefault("jobs", []).append((fn, args))
+
+    monkeypatch.setattr(submitit, "SlurmExecutor", Executor)
+    config = slurm.SlurmConfig(account="a", nodes=2, gpus_per_node=4)
+    config["exclude"] = "n7"  # not a SlurmConfig key: passed to submitit as the release does
+    assert slurm.launch_with_submitit("job", [(print, ("x",))], tmp_path, config)
+    assert seen["params"] == {
+        "job_name": "job",
+        "nodes": 2,
+        "ntasks_per_node": 4,
+        "gpus_per_node": 4,
+        "account": "a",
+        "exclude": "n7",
+    }
+    ((fn, args),) = seen["jobs"]
+    assert args == ("x",) and hasattr(fn, "checkpoint")
+    info = json.loads((tmp_path / "job" / "job-info.json").read_text())
+    assert info["job_name"] == "job" and info["exclude"] == "n7"
+    assert slurm.launch_with_submitit("job", [], tmp_path, config)  # a second launch gets a timestamped folder
+    assert len(list(tmp_path.iterdir())) == 2
