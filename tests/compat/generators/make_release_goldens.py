@@ -62,8 +62,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 import torchcodec  # noqa: E402
-from spidr.environment import set_seed  # noqa: E402
-from spidr.optimizer import build_optimizer  # noqa: E402
 from torch import distributed as dist  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -99,6 +97,7 @@ from spidr.data.masks import (  # noqa: E402
     mask_lengths,
 )
 from spidr.data.write_manifest import write_manifest, write_manifest_fairseq, write_manifest_tar  # noqa: E402
+from spidr.environment import set_seed  # noqa: E402
 from spidr.models import build_model  # noqa: E402
 from spidr.models.dinosr import ema_scheduler  # noqa: E402
 from spidr.models.metrics import (  # noqa: E402
@@ -110,6 +109,7 @@ from spidr.models.metrics import (  # noqa: E402
     units_quality,
 )
 from spidr.models.spidr import exp_ema_scheduler  # noqa: E402
+from spidr.optimizer import build_optimizer  # noqa: E402
 from spidr.tools import AverageMeters, MetricsQueue  # noqa: E402
 from spidr.tools.metrics_queue import pull_inserted_lines  # noqa: E402
 
