@@ -55,7 +55,9 @@ TORCH_LIBRARY(spidr, m) {
   // In place: x = gelu(layer_norm(x)) over the last dimension (a multiple of 16; exact erf GELU), with
   // optional affine weight and bias (D,). x contiguous float32. CPU only: the conv extractor's and the
   // positional convs' normalisation when extracting features.
-  m.def("layer_norm_gelu_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps) -> Tensor(a!)");
+  // Returns nothing (the result is x): an op whose output aliases an input cannot be functionalised, so
+  // torch.compile could not trace it.
+  m.def("layer_norm_gelu_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps) -> ()");
   // (batch, frames_out, out) = gelu(norm(conv1d(x, kernel 3, stride 2) + conv_bias)) on channels-last x
   // (batch, frames_in, in) float32, the even rows' taps by Winograd's F(3, 2) (7/9 of the multiply-adds).
   // taps (5, in, out): W1, W0, (W0 + W2) / 2, (W0 - W2) / 2 and W2, with W_j = conv_weight[:, :, j].T.

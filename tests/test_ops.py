@@ -405,3 +405,21 @@ def test_conv_k3s2_gelu_kernel_checks_its_arguments():
         op(torch.zeros(1, 2, 16), taps, None, True, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="conv_bias must be"):
         op(x, taps, torch.zeros(16), True, None, None, 1e-5)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp kernels are not built")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_fused_extraction_kernels_pass_opcheck(affine):
+    """Schema, fake (meta) implementation and AOT dispatch of the two fused helpers' kernels."""
+    g = torch.Generator().manual_seed(0)
+    params = (torch.randn(48, generator=g), torch.randn(48, generator=g)) if affine else (None, None)
+    x = torch.randn(2, 9, 32, generator=g)
+    taps = ops.conv_k3s2_taps(torch.randn(48, 32, 3, generator=g))
+    torch.library.opcheck(torch.ops.spidr.conv_k3s2_gelu.default, (x, taps, params[0], affine, *params, 1e-5))
+    rows = torch.randn(5, 48, generator=g)
+    torch.library.opcheck(torch.ops.spidr.layer_norm_gelu_.default, (rows, *params, 1e-5))
+    with torch.device("meta"):  # the fakes give the kernels' shapes
+        out = torch.ops.spidr.conv_k3s2_gelu(
+            torch.empty(2, 9, 32), torch.empty(5, 32, 48), None, False, None, None, 0.0
+        )
+    assert out.shape == (2, 4, 48) and out.dtype == torch.float32

@@ -21,8 +21,8 @@ SPIDR_CLONES void rows_norm_gelu(float* x, int64_t rows, int64_t D, const float*
   for (int64_t r = 0; r < rows; ++r) norm_gelu_row(x + r * D, x + r * D, D, weight, bias, eps);
 }
 
-at::Tensor& layer_norm_gelu_cpu(at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& bias, double eps) {
+void layer_norm_gelu_cpu(at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, double eps) {
   check_cpu(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
@@ -39,7 +39,7 @@ at::Tensor& layer_norm_gelu_cpu(at::Tensor& x, const std::optional<at::Tensor>& 
   };
   const auto w = param(weight, "weight"), b = param(bias, "bias");
   const int64_t rows = x.numel() / D;
-  if (rows == 0) return x;
+  if (rows == 0) return;
   float* data = x.data_ptr<float>();
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -47,7 +47,6 @@ at::Tensor& layer_norm_gelu_cpu(at::Tensor& x, const std::optional<at::Tensor>& 
   at::parallel_for(0, rows, 64, [&](int64_t first, int64_t last) {
     rows_norm_gelu(data + first * D, last - first, D, wp, bp, e);
   });
-  return x;
 }
 
 }  // namespace

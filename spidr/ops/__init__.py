@@ -184,7 +184,8 @@ def layer_norm_gelu_(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     """
     fused = cpu_kernel_applies("layer_norm_gelu_", x, weight, bias) and x.is_contiguous() and x.shape[-1] % 16 == 0
     if fused:
-        return torch.ops.spidr.layer_norm_gelu_(x, weight, bias, float(eps))
+        torch.ops.spidr.layer_norm_gelu_(x, weight, bias, float(eps))
+        return x
     return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps))
 
 

@@ -48,6 +48,16 @@ def _register_abstract() -> None:
     def _(grad_loss, h, weight, bias, labels, grad_h, grad_weight, grad_bias):
         return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
 
+    # The two fused extraction helpers (CPU kernels only): their fakes let torch.compile trace an extraction.
+    @torch.library.register_fake("spidr::layer_norm_gelu_")
+    def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> None:
+        return None  # in place on x, no output
+
+    @torch.library.register_fake("spidr::conv_k3s2_gelu")
+    def _(x, taps, conv_bias, normalize, weight, bias, eps):
+        batch, frames, _ = x.shape
+        return x.new_empty((batch, (frames - 3) // 2 + 1, taps.shape[-1]))
+
     def setup_context(ctx, inputs, output) -> None:
         h, weight, bias, labels, _ = inputs
         _, mean_probs, grad_h, grad_weight, grad_bias = output
