@@ -128,13 +128,7 @@ def read_entries(path: str | os.PathLike[str], *, check_exists: bool = False) ->
             num_samples/byte_offset/byte_size, tar columns partially present, a byte range outside its archive, a
             missing file (``check_exists``), or an unknown suffix.
     """
-    manifest = Path(path)
-    suffix = manifest.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".tsv"):
-        raise _fail(manifest, f"unknown manifest suffix '{manifest.suffix}' (expected .csv, .jsonl or .tsv)")
-    if not manifest.is_file():
-        raise _fail(manifest, "manifest not found" if not manifest.exists() else "not a file")
-    _check_utf8(manifest)
+    manifest, suffix = _readable_manifest(path)
     if suffix == ".tsv":
         return _read_tsv(manifest, check_exists)
     return _read_table(manifest, suffix == ".csv", check_exists)
@@ -155,13 +149,7 @@ def read_manifest(path: str | os.PathLike[str]) -> pl.DataFrame:
     """
     import polars as pl
 
-    manifest = Path(path)
-    suffix = manifest.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".tsv"):
-        raise _fail(manifest, f"unknown manifest suffix '{manifest.suffix}' (expected .csv, .jsonl or .tsv)")
-    if not manifest.is_file():
-        raise _fail(manifest, "manifest not found" if not manifest.exists() else "not a file")
-    _check_utf8(manifest)
+    manifest, suffix = _readable_manifest(path)
     try:
         if suffix == ".csv":
             return pl.read_csv(manifest)
@@ -187,6 +175,18 @@ def read_manifest(path: str | os.PathLike[str]) -> pl.DataFrame:
         rows.append((fields[0], f"{root}{os.sep}{fields[0]}", count))
     schema = {"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64}
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _readable_manifest(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """The manifest's path and lower-cased suffix, once it is known to be a UTF-8 file of a known format."""
+    manifest = Path(path)
+    suffix = manifest.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".tsv"):
+        raise _fail(manifest, f"unknown manifest suffix '{manifest.suffix}' (expected .csv, .jsonl or .tsv)")
+    if not manifest.is_file():
+        raise _fail(manifest, "manifest not found" if not manifest.exists() else "not a file")
+    _check_utf8(manifest)
+    return manifest, suffix
 
 
 def _check_utf8(manifest: Path) -> None:
