@@ -180,6 +180,10 @@ def prune(folder: str | Path, keep_latest: int, *, keep: str | Path | None = Non
 # The reference release's checkpoint API (spidr 0.2.0's names and arguments), on the functions above.
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def find_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints of a run directory, oldest first: ``step_N.pt`` by N, then ``final.pt``."""
     return list_checkpoints(folder)
@@ -263,7 +267,7 @@ class Checkpointer:
         state = self._require_state()
         state.step.fill_(step)
         state.epoch.fill_(epoch)
-        model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+        model = _unwrapped(state.model)
         save_atomic(
             {
                 "model": model.state_dict(),
@@ -299,7 +303,7 @@ class Checkpointer:
         missing = [key for key in ("model", "optimizer", "scheduler", "step", "epoch") if key not in ckpt]
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint: no {', '.join(missing)}")
-        model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+        model = _unwrapped(state.model)
         weights = dict(ckpt["model"])
         consume_prefix_in_state_dict_if_present(weights, "module.")
         load_state_dict_checked(model, weights, str(path))

@@ -84,7 +84,10 @@ def distributed_environment() -> DistributedEnvironment:
     Raises:
         ValueError: a variable of the launcher is missing or not an integer (named).
     """
-    env = read_distributed_environment()
+    return _export(read_distributed_environment())
+
+
+def _export(env: DistributedEnvironment) -> DistributedEnvironment:
     os.environ.update(
         RANK=str(env.global_rank),
         LOCAL_RANK=str(env.local_rank),
@@ -158,7 +161,7 @@ def setup_distributed(device: str = "auto", *, init_single_process: bool = True)
     env = read_distributed_environment()
     initialise = (env.world_size > 1 or init_single_process) and not dist.is_initialized()
     if initialise:  # the rendezvous variables init_process_group reads (a lone process leaves the environment alone)
-        env = distributed_environment()
+        _export(env)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(env.local_rank)

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from spidr.config import DEFAULT_CONV_LAYER_CONFIG, SAMPLE_RATE, DataConfig, MaskingConfig
 from spidr.data.audio import decode_audio
 from spidr.data.collate import collate
-from spidr.data.manifests import AudioEntry, ManifestError
+from spidr.data.manifests import AudioEntry, ManifestError, manifest_columns
 from spidr.data.masks import MaskGenerator
 from spidr.data.samplers import BucketizeBatchSampler, DistributedBatchSampler, get_buckets, verify_lengths
 from spidr.data.utils import bytes_from_archive, read_manifest
-from spidr.models.components import num_frames, receptive_field
+from spidr.models.components import receptive_field
 
 __all__ = [
     "BucketizeBatchSampler",
@@ -162,12 +162,8 @@ def speech_dataset(manifest_path: Path | str, *, normalize: bool) -> SpeechDatas
     Raises:
         spidr.data.manifests.ManifestError: the manifest cannot be read (named).
     """
-    files = SpeechDatasetFromFiles(manifest_path, normalize=normalize)
-    if {"archive", "byte_offset", "byte_size"} <= set(files.manifest.columns):
-        archive = SpeechDatasetFromArchive.__new__(SpeechDatasetFromArchive)
-        archive.__dict__.update(files.__dict__)  # the same manifest, read once
-        return archive
-    return files
+    tar_columns = {"archive", "byte_offset", "byte_size"} <= set(manifest_columns(manifest_path))
+    return (SpeechDatasetFromArchive if tar_columns else SpeechDatasetFromFiles)(manifest_path, normalize=normalize)
 
 
 def conv_length(shapes: Sequence[tuple[int, int, int]], length: Tensor) -> Tensor:
@@ -226,10 +222,9 @@ class SpeechCollatorWithMasking:
             mask_prob=0.0,
             rng=None,
         )
-        frames = num_frames(out.waveforms.shape[1], [tuple(layer) for layer in self.conv_layer_config])
         padding_mask = out.padding_mask
-        if padding_mask is None:
-            padding_mask = torch.zeros((len(batch), frames), dtype=torch.bool)
+        if padding_mask is None:  # every row has all the frames
+            padding_mask = torch.zeros((len(batch), int(out.frame_lengths.max())), dtype=torch.bool)
         mask_indices = self.mask_generator(padding_mask)[0]
         return out.waveforms, out.attention_mask, mask_indices
 

@@ -177,6 +177,27 @@ def read_manifest(path: str | os.PathLike[str]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def manifest_columns(path: str | os.PathLike[str]) -> list[str]:
+    """The column names of a manifest, from its first line (CSV header, first JSONL object; a fairseq TSV has
+    ``fileid``, ``path`` and ``num_samples``), without reading the rest.
+
+    Raises:
+        ManifestError: as :func:`read_manifest`.
+    """
+    manifest, suffix = _readable_manifest(path)
+    if suffix == ".tsv":
+        return list(BASE_COLUMNS)
+    with manifest.open(encoding="utf-8-sig", newline="") as file:
+        first = next((line for line in file if line.strip()), "")
+    if suffix == ".csv":
+        return next(csv.reader([first]), [])
+    try:
+        record = json.loads(first) if first else {}
+    except json.JSONDecodeError as error:
+        raise _fail(manifest, f"invalid JSON ({error.msg})", 1) from None
+    return list(record) if isinstance(record, dict) else []
+
+
 def _readable_manifest(path: str | os.PathLike[str]) -> tuple[Path, str]:
     """The manifest's path and lower-cased suffix, once it is known to be a UTF-8 file of a known format."""
     manifest = Path(path)
